@@ -1,0 +1,3 @@
+from histotile.cli import main
+
+main()

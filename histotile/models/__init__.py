@@ -1,0 +1,1 @@
+"""Architectures, model cards, the bundled zoo and safe weight loading."""
