@@ -1,0 +1,87 @@
+"""Options shared by every multi-slide command (predict, tile): shards, executors, overwrite.
+
+Usage in a command::
+
+    @click.command()
+    @batch_options
+    def predict(inputs, output, **kwargs):
+        opts = pop_batch_options(kwargs)          # -> keyword arguments of run_items
+        summary = run_items(items, output, partial(make_process, settings), fingerprint,
+                            progress=not quiet, **opts)
+        sys.exit(summary.exit_code)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+BATCH_OPTION_NAMES = ("shard", "executor", "jobs", "cluster", "cluster_option", "overwrite")
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_cluster_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``("queue=gpu", "cores=4")`` -> ``{"queue": "gpu", "cores": 4}``; list values for
+    ``job_extra_directives`` / ``job_script_prologue`` accumulate."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--cluster-option")
+        key = key.strip().replace("-", "_")
+        if key in ("job_extra_directives", "job_script_prologue", "worker_extra_args"):
+            out.setdefault(key, []).append(value)
+        else:
+            out[key] = _parse_value(value)
+    return out
+
+
+def pop_batch_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the batch options from a command's kwargs; return ``run_items`` keywords."""
+    from histotile.batch import resolve_shard
+
+    values = {name: kwargs.pop(name) for name in BATCH_OPTION_NAMES if name in kwargs}
+    return {
+        "shard": resolve_shard(values.get("shard")),
+        "executor": values.get("executor", "serial"),
+        "jobs": values.get("jobs", 2),
+        "cluster": values.get("cluster", "slurm"),
+        "overwrite": bool(values.get("overwrite", False)),
+        "cluster_kwargs": parse_cluster_options(tuple(values.get("cluster_option") or ())),
+    }
+
+
+def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --overwrite, --shard, --executor, --jobs, --cluster, --cluster-option."""
+    options = [
+        click.option("--overwrite", is_flag=True,
+                     help="Recompute slides whose finished output already matches."),
+        click.option("--shard", metavar="I/N", default=None,
+                     help="Process only shard I of N (0-based). Default: from "
+                          "SLURM_ARRAY_TASK_ID/COUNT inside a SLURM array job, else all."),
+        click.option("--executor", type=click.Choice(["serial", "local", "dask-jobqueue"]),
+                     default="serial", show_default=True,
+                     help="serial: this process; local: a dask LocalCluster of --jobs "
+                          "processes; dask-jobqueue: --jobs batch jobs on --cluster."),
+        click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Workers (local) or batch jobs (dask-jobqueue)."),
+        click.option("--cluster", type=click.Choice(["slurm", "pbs", "sge", "lsf", "htcondor"]),
+                     default="slurm", show_default=True,
+                     help="Scheduler for --executor dask-jobqueue."),
+        click.option("--cluster-option", multiple=True, metavar="KEY=VALUE",
+                     help="Passed to the dask-jobqueue cluster, e.g. queue=gpu walltime=02:00:00 "
+                          "memory=16GB cores=4 'job_extra_directives=--gpus-per-task=1'."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f

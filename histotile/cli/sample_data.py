@@ -1,0 +1,22 @@
+"""``histotile sample-data [NAME]``: list the samples, or fetch one and print its path."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("sample-data")
+@click.argument("name", required=False)
+def sample_data(name: str | None) -> None:
+    """Without NAME, list the samples (* = cached); with NAME, fetch it and print its path."""
+    from histotile import sample_data as sd
+
+    if name is None:
+        root = sd.sample_root()
+        for key in sd.names():
+            rel = sd.ALIASES.get(key, key)
+            mark = "*" if (root / rel).exists() else " "
+            note = sd.SAMPLES[rel].note if rel in sd.SAMPLES else f"-> {rel}"
+            click.echo(f"{mark} {key}  {note}")
+        return
+    click.echo(str(sd.fetch(name, progress=True)))

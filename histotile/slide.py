@@ -1,0 +1,402 @@
+"""Open whole-slide images with OpenSlide or tiffslide; levels, mpp and its source, region reads.
+
+Coordinates are level-0 pixels, top-left origin, (x, y). A level pixel ``l`` maps to level-0
+``ceil(l * downsample)`` and back with ``floor(x0 / downsample)``, so integer level positions
+survive the round trip on every level (also where the downsample is not an integer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histotile.errors import (
+    CorruptSlideError,
+    HistotileError,
+    InputNotFoundError,
+    InvalidArgumentError,
+    MissingMppError,
+    UnsupportedFormatError,
+)
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "openslide", "tiffslide")
+MPP_SOURCES = ("override", "openslide", "tiff-tags", "objective-estimate")
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
+                  ".svslide", ".dcm", ".qptiff", ".btf"}
+_UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0,
+                "micrometer": 1.0, "3": 10000.0, "2": 25400.0}
+_EPS = 1e-6
+_MPP_HINT = "pass --slide-mpp <microns per pixel> (slide_mpp=...) to set it"
+
+
+def level_to_level0(value: float, downsample: float) -> int:
+    """Level-0 coordinate of level pixel ``value`` (inverse of :func:`level0_to_level`)."""
+    return int(math.ceil(value * downsample - _EPS))
+
+
+def level0_to_level(value: float, downsample: float) -> int:
+    """Level pixel that contains level-0 coordinate ``value``."""
+    return int(math.floor(value / downsample + _EPS))
+
+
+def _resolve_path(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError("no such file or folder", "check the path", subject=str(path))
+    if p.is_dir():
+        dcm = sorted(p.glob("*.dcm"))
+        if dcm:  # a DICOM WSI folder: OpenSlide opens the series from any one of its files
+            return dcm[0]
+        raise UnsupportedFormatError(
+            "is a folder, not a slide",
+            "pass slide files (a folder works only for a DICOM series)", subject=str(path),
+        )
+    return p
+
+
+def _tiff_needs_tiffslide(path: Path) -> bool:
+    """True for TIFF flavours OpenSlide reads badly or not at all (OME SubIFDs, QPTIFF)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            return bool(tf.is_ome or tf.is_qpi or page.subifds)
+    except Exception:  # noqa: BLE001 - not readable by tifffile: leave it to OpenSlide
+        return False
+
+
+def pick_backend(path: Path) -> str:
+    """The backend ``auto`` chooses for ``path`` (see the module docstring)."""
+    import openslide
+
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001
+        fmt = None
+    if fmt and fmt != "generic-tiff":
+        return "openslide"
+    if fmt == "generic-tiff":
+        return "tiffslide" if _tiff_needs_tiffslide(path) else "openslide"
+    return "tiffslide"
+
+
+def _not_a_slide(path: Path, exc: Exception) -> Exception:
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return CorruptSlideError(
+            f"cannot be read as a slide ({type(exc).__name__}: {exc})".replace("\n", " "),
+            "the file may be truncated or corrupt; re-copy or re-download it", subject=str(path),
+        )
+    return UnsupportedFormatError(
+        "not a slide format histotile can read",
+        "supported: SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, (OME-)TIFF, QPTIFF",
+        subject=str(path),
+    )
+
+
+def _open_backend(path: Path, backend: str) -> Any:
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.ERROR)  # its warnings on broken files duplicate our error line
+    try:
+        if backend == "openslide":
+            import openslide
+
+            return openslide.OpenSlide(str(path))
+        import tiffslide
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tiffslide.TiffSlide(str(path))
+    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one typed error
+        if backend == "tiffslide" and pick_backend(path) == "openslide":
+            raise UnsupportedFormatError(
+                "tiffslide cannot read this format", "use --backend openslide (or auto)",
+                subject=str(path)) from exc
+        raise _not_a_slide(path, exc) from exc
+    finally:
+        tiff_log.setLevel(level)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+class Slide:
+    """An open slide: metadata, mpp with its source and RGB region reads (see docs/CONTRACTS.md)."""
+
+    def __init__(self, path: Path, backend: str, handle: Any, slide_mpp: float | None = None,
+                 source_path: str | Path | None = None) -> None:
+        self.path = Path(source_path) if source_path is not None else path
+        self.file = path
+        self.backend = backend
+        self._h = handle
+        self._override = slide_mpp
+        with warnings.catch_warnings():  # tiffslide warns on partially parsed vendor metadata
+            warnings.simplefilter("ignore")
+            props = {str(k): v for k, v in dict(handle.properties).items()}
+        self.properties = props
+        self.dimensions: tuple[int, int] = tuple(int(v) for v in handle.dimensions)  # type: ignore
+        self.level_count: int = int(handle.level_count)
+        self.level_dimensions = [tuple(int(v) for v in d) for d in handle.level_dimensions]
+        self.level_downsamples = [float(d) for d in handle.level_downsamples]
+        self.vendor = props.get(f"{backend}.vendor") or None
+        self.objective_power = _float(props.get(f"{backend}.objective-power"))
+        self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
+
+    # --- metadata -------------------------------------------------------------------------
+    def _find_mpp(self, override: float | None) -> tuple[tuple[float, float] | None, str | None]:
+        if override is not None:
+            if not (_float(override)):
+                raise InvalidArgumentError(f"--slide-mpp {override} is not a positive number",
+                                           "give microns per pixel, e.g. 0.25", str(self.path))
+            return (float(override), float(override)), "override"
+        p = self.properties
+        mx, my = _float(p.get(f"{self.backend}.mpp-x")), _float(p.get(f"{self.backend}.mpp-y"))
+        tags = self._mpp_from_tiff_tags()
+        if mx and self.vendor not in (None, "generic-tiff"):
+            return (mx, my or mx), "openslide"
+        if tags:
+            return tags, "tiff-tags"
+        if mx:
+            return (mx, my or mx), "openslide"
+        if self.objective_power:
+            est = 10.0 / self.objective_power  # 20x ~ 0.5 um/px, 40x ~ 0.25 um/px
+            return (est, est), "objective-estimate"
+        return None, None
+
+    def _mpp_from_tiff_tags(self) -> tuple[float, float] | None:
+        p = self.properties
+        unit = str(p.get("tiff.ResolutionUnit", "")).lower()
+        um = _UM_PER_UNIT.get(unit)
+        xr, yr = _float(p.get("tiff.XResolution")), _float(p.get("tiff.YResolution"))
+        if um is None or xr is None:
+            return None
+        return um / xr, um / (yr or xr)
+
+    @property
+    def associated_images(self) -> list[str]:
+        return sorted(self._h.associated_images.keys())
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """Picklable arguments that reopen this slide: ``open_slide(**slide.spec)``."""
+        return {"path": str(self.path), "backend": self.backend,
+                "slide_mpp": self._override}
+
+    def require_mpp(self) -> float:
+        """Level-0 microns per pixel (mean of x and y); :class:`MissingMppError` when unknown."""
+        if self.mpp is None:
+            raise MissingMppError("the slide has no pixel size (mpp) in its metadata",
+                                  _MPP_HINT, subject=str(self.path))
+        return (self.mpp[0] + self.mpp[1]) / 2.0
+
+    def level_mpp(self, level: int) -> float:
+        """Microns per pixel at ``level``."""
+        self._check_level(level)
+        return self.require_mpp() * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level whose mpp is still at most the target (never upsample needlessly).
+
+        Level 0 when even level 0 is coarser than the target.
+        """
+        ok = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= target_mpp * (1 + 1e-3)]
+        return max(ok, key=self.level_mpp) if ok else 0
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.level_count:
+            raise InvalidArgumentError(
+                f"level {level} does not exist (the slide has {self.level_count})",
+                f"use a level between 0 and {self.level_count - 1}", subject=str(self.path))
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able description: backend, vendor, levels, mpp and its source..."""
+        levels = []
+        pairs = zip(self.level_dimensions, self.level_downsamples, strict=True)
+        for i, (dims, ds) in enumerate(pairs):
+            mpp = self.mpp[0] * ds if self.mpp else None
+            levels.append({"level": i, "width": dims[0], "height": dims[1], "downsample": ds,
+                           "mpp": mpp})
+        return {
+            "path": str(self.path), "backend": self.backend, "vendor": self.vendor,
+            "width": self.dimensions[0], "height": self.dimensions[1],
+            "level_count": self.level_count, "levels": levels,
+            "mpp_x": self.mpp[0] if self.mpp else None,
+            "mpp_y": self.mpp[1] if self.mpp else None,
+            "mpp_source": self.mpp_source, "objective_power": self.objective_power,
+            "associated_images": self.associated_images,
+        }
+
+    # --- pixels ---------------------------------------------------------------------------
+    def read_region(self, location: tuple[int, int], level: int,
+                    size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` level pixels from level-0 ``location``.
+
+        Areas outside the slide (and transparent pixels) are white.
+        """
+        self._check_level(level)
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise InvalidArgumentError(f"region size {size} is empty", "use a positive size",
+                                       subject=str(self.path))
+        try:
+            if self.backend == "openslide":
+                return self._read_openslide(location, level, (w, h))
+            return self._read_tiffslide(location, level, (w, h))
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, InvalidArgumentError):
+                raise
+            raise CorruptSlideError(
+                f"reading level {level} at {tuple(location)} failed ({type(exc).__name__}: "
+                f"{exc})".replace("\n", " "),
+                "the file may be truncated or corrupt", subject=str(self.path)) from exc
+
+    def _read_openslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
+        img = self._h.read_region((int(loc[0]), int(loc[1])), level, size)
+        if img.getextrema()[3][0] == 255:  # opaque everywhere: drop alpha in C
+            return np.asarray(img.convert("RGB"))
+        return _composite_white(np.asarray(img))
+
+    def _read_tiffslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        lx, ly = level0_to_level(loc[0], ds), level0_to_level(loc[1], ds)
+        out = np.full((size[1], size[0], 3), 255, np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + size[0], lw), min(ly + size[1], lh)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        arr = self._h.read_region((level_to_level0(x0, ds), level_to_level0(y0, ds)), level,
+                                  (x1 - x0, y1 - y0), as_array=True)
+        arr = np.asarray(arr)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.dtype != np.uint8:
+            arr = _to_uint8(arr)
+        if arr.shape[2] == 4:
+            arr = _composite_white(arr)
+        elif arr.shape[2] != 3:
+            arr = np.repeat(arr[..., :1], 3, axis=2)
+        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = arr[..., :3]
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB uint8 picture of the whole slide whose longer side is at most ``max_size``."""
+        w, h = self.dimensions
+        ds = max(w, h) / float(max_size)
+        img, _ = self.read_downsampled(max(ds, 1.0))
+        if max(img.shape[:2]) > max_size:
+            from PIL import Image
+
+            scale = max_size / max(img.shape[:2])
+            size = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+        return img
+
+    def read_downsampled(self, downsample: float,
+                         block: int = 2048) -> tuple[np.ndarray, float]:
+        """The whole slide reduced by about ``downsample`` (level-0 px per output px).
+
+        Reads the coarsest level not coarser than asked, block by block, and averages
+        ``f x f`` areas (``f`` integer), so memory stays bounded by ``block``. Returns the
+        image and its exact downsample. Edge pixels average in white beyond the slide.
+        """
+        dss = self.level_downsamples
+        ok = [lv for lv, d in enumerate(dss) if d <= downsample * (1 + 1e-3)]
+        level = max(ok, key=lambda lv: dss[lv]) if ok else 0
+        ds = dss[level]
+        f = max(1, int(math.floor(downsample / ds + 1e-6)))
+        lw, lh = self.level_dimensions[level]
+        step = max(f, (block // f) * f)
+        ow, oh = math.ceil(lw / f), math.ceil(lh / f)
+        out = np.empty((oh, ow, 3), np.uint8)
+        for y in range(0, lh, step):
+            for x in range(0, lw, step):
+                bw, bh = min(step, lw - x), min(step, lh - y)
+                pw, ph = math.ceil(bw / f) * f, math.ceil(bh / f) * f
+                tile = self.read_region((level_to_level0(x, ds), level_to_level0(y, ds)), level,
+                                        (pw, ph))
+                red = tile.reshape(ph // f, f, pw // f, f, 3).mean(axis=(1, 3))
+                out[y // f:y // f + ph // f, x // f:x // f + pw // f] = np.rint(red)
+        return out, f * ds
+
+    def read_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``target_mpp`` (not coarser); returns (image, actual mpp)."""
+        mpp = self.require_mpp()
+        img, ds = self.read_downsampled(target_mpp / mpp)
+        return img, ds * mpp
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            self._h.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Slide({str(self.path)!r}, backend={self.backend!r}, dims={self.dimensions}, "
+                f"mpp={self.mpp}, mpp_source={self.mpp_source!r})")
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).astype(np.uint8)
+    top = float(arr.max()) or 1.0
+    return np.clip(arr.astype(np.float64) * 255.0 / top, 0, 255).astype(np.uint8)
+
+
+def _composite_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (straight alpha) over a white background -> RGB uint8."""
+    if rgba.shape[2] == 3:
+        return np.ascontiguousarray(rgba)
+    alpha = rgba[..., 3]
+    rgb = rgba[..., :3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.float32) / 255.0
+    return np.rint(rgb * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
+def open_slide(path: str | Path, backend: str = "auto",
+               slide_mpp: float | None = None) -> Slide:
+    """Open ``path`` with ``backend`` ("auto" picks OpenSlide or tiffslide; see module doc)."""
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"unknown backend {backend!r}",
+                                   f"use one of {', '.join(BACKENDS)}", subject=str(path))
+    file = _resolve_path(path)
+    chosen = pick_backend(file) if backend == "auto" else backend
+    handle = _open_backend(file, chosen)
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.ERROR)
+    try:
+        slide = Slide(file, chosen, handle, slide_mpp=slide_mpp, source_path=path)
+    except Exception as exc:
+        handle.close()
+        if isinstance(exc, HistotileError):
+            raise
+        raise _not_a_slide(file, exc) from exc
+    finally:
+        tiff_log.setLevel(level)
+    if slide.mpp_source == "objective-estimate":
+        log.warning("%s: no mpp in the metadata; estimated %.3f um/px from the %gx objective",
+                    path, slide.mpp[0], slide.objective_power)  # type: ignore[index]
+    return slide

@@ -1,0 +1,188 @@
+"""``histotile tile``: tissue patches at a target mpp into a PatchCamelyon-layout HDF5 archive.
+
+Per slide it writes ``<out>/<stem>.h5`` (dataset ``x`` (N, P, P, 3) uint8 chunked per patch,
+``coords`` (N, 2) int64 level-0 top-left x, y, and the grid/slide metadata as attributes) and
+``<out>/<stem>.tissue.png`` (thumbnail, tissue mask and the kept patch grid). Both are written
+under a temporary name and renamed when complete; patches are streamed batch by batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histotile import __version__
+from histotile.errors import HistotileError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+DEFAULT_MPP = 0.972  # PatchCamelyon: 96 px at 10x
+BatchTransform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class TileResult:
+    """What ``tile_slide`` wrote."""
+
+    slide: str
+    archive: Path
+    tissue_png: Path
+    n_patches: int
+    attrs: dict[str, Any]
+
+
+def slide_stem(path: str | Path) -> str:
+    """Output name of a slide: its file name without the extension (folder name for DICOM)."""
+    p = Path(path)
+    return p.name if p.is_dir() else p.stem
+
+
+def _h5_attr(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    return value
+
+
+def tile_slide(
+    slide_path: str | Path, out_dir: str | Path, patch_size: int = 96,
+    mpp: float | None = None, level: int | None = None, slide_mpp: float | None = None,
+    overlap: float = 0.0, min_tissue: float = 0.5, limit: int | None = None,
+    backend: str = "auto", tissue_method: str = "otsu", batch_size: int = 256,
+    transform: BatchTransform | None = None, progress: bool = False,
+    extra_attrs: dict[str, Any] | None = None,
+) -> TileResult:
+    """Tile one slide (see the module docstring). ``transform`` maps uint8 (B, P, P, 3) batches
+    (e.g. stain normalisation) before they are written; ``limit`` keeps the first N patches."""
+    from histotile.grid import make_grid
+    from histotile.slide import open_slide
+    from histotile.tissue import detect_tissue, overlay
+
+    if limit is not None and limit < 0:
+        raise InvalidArgumentError(f"--limit {limit} is negative", "use 0 or more")
+    if mpp is None and level is None:
+        mpp = DEFAULT_MPP
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = slide_stem(slide_path)
+    with open_slide(slide_path, backend=backend, slide_mpp=slide_mpp) as slide:
+        if mpp is not None:
+            slide.require_mpp()
+        tissue = detect_tissue(slide, method=tissue_method)
+        grid = make_grid(slide, patch_size, target_mpp=mpp, level=level, overlap=overlap,
+                         tissue=tissue, min_tissue=min_tissue)
+        if limit is not None:
+            grid = grid.subset(slice(0, limit))
+        grid = grid.subset(_region_order(grid, slide))  # contiguous writes, one read per region
+        if len(grid) == 0:
+            log.warning("%s: no patch has tissue >= %.2f; writing an empty archive",
+                        slide_path, min_tissue)
+        attrs = {
+            "source_path": str(Path(slide_path).resolve()), "backend": slide.backend,
+            "vendor": slide.vendor or "", "slide_mpp_x": slide.mpp[0] if slide.mpp else None,
+            "slide_mpp_y": slide.mpp[1] if slide.mpp else None,
+            "level0_width": slide.dimensions[0], "level0_height": slide.dimensions[1],
+            **grid.to_attrs(), "tissue_threshold": tissue.threshold,
+            "tissue_mask_mpp": tissue.mpp, "tissue_fraction_slide": tissue.fraction,
+            "histotile_version": __version__, "layout": "PatchCamelyon x (N,P,P,3) uint8",
+            **(extra_attrs or {}),
+        }
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        archive = out_dir / f"{stem}.h5"
+        _write_archive(archive, slide, grid, attrs, batch_size, transform, progress)
+        png = out_dir / f"{stem}.tissue.png"
+        _write_png(png, overlay(tissue, grid))
+    return TileResult(str(slide_path), archive, png, len(grid), attrs)
+
+
+def _region_order(grid: Any, slide: Any) -> np.ndarray:
+    from histotile.patches import plan_regions
+
+    regions = plan_regions(grid, slide)
+    return np.concatenate([r.idx for r in regions]) if regions else np.zeros(0, np.int64)
+
+
+def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], batch_size: int,
+                   transform: BatchTransform | None, progress: bool) -> None:
+    import h5py
+    from tqdm import tqdm
+
+    from histotile.patches import iter_patch_batches
+
+    size, n = grid.patch_size, len(grid)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            x = h5.create_dataset("x", shape=(n, size, size, 3), maxshape=(None, size, size, 3),
+                                  dtype=np.uint8, chunks=(1, size, size, 3),
+                                  compression="gzip", compression_opts=1)
+            h5.create_dataset("coords", data=grid.coords.astype(np.int64))
+            h5.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+            for key, value in attrs.items():
+                h5.attrs[key] = _h5_attr(value)
+            with tqdm(total=n, unit="patch", desc=path.stem, disable=not progress,
+                      leave=False) as bar:
+                for idx, batch in iter_patch_batches(slide, grid, batch_size):
+                    if transform is not None:
+                        batch = transform(batch)
+                    start = int(idx[0])
+                    if np.array_equal(idx, np.arange(start, start + len(idx))):
+                        x[start:start + len(idx)] = batch
+                    else:  # h5py fancy indexing needs increasing indices
+                        order = np.argsort(idx)
+                        x[idx[order]] = batch[order]
+                    bar.update(len(idx))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        Image.fromarray(rgb).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tile(slides: str | Path | Sequence[str | Path], out_dir: str | Path,
+         **kwargs: Any) -> list[TileResult]:
+    """Tile one or several slides into ``out_dir`` (keyword arguments as :func:`tile_slide`).
+
+    With several slides, the others still finish when one fails; the failures are then raised
+    together as one :class:`HistotileError` (the first one's message).
+    """
+    paths = [slides] if isinstance(slides, (str, Path)) else list(slides)
+    results, failures = [], []
+    for path in paths:
+        try:
+            results.append(tile_slide(path, out_dir, **kwargs))
+        except HistotileError as exc:
+            if len(paths) == 1:
+                raise
+            failures.append(exc)
+    if failures:
+        first = failures[0]
+        raise type(first)(f"{len(failures)} of {len(paths)} slides failed; first: {first}",
+                          first.hint, subject=None)
+    return results
+
+
+class _CallableModule(types.ModuleType):
+    """``histotile.tile`` is both this module and the function: importing the submodule first
+    (as the CLI does) makes the package attribute the module, so calling it must still work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[TileResult]:
+        return tile(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

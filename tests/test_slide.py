@@ -1,0 +1,194 @@
+"""histotile.slide on the real slides in ../shared/data/slides (generated files only for edges)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import real_data
+from PIL import Image
+
+from histotile.errors import (
+    CorruptSlideError,
+    InputNotFoundError,
+    InvalidArgumentError,
+    MissingMppError,
+    UnsupportedFormatError,
+)
+from histotile.slide import level0_to_level, level_to_level0, open_slide
+
+
+@pytest.fixture(scope="module")
+def ndpi():
+    return real_data("slides/fluorescence-DAPI.ndpi")
+
+
+@pytest.fixture(scope="module")
+def boxes():
+    return real_data("slides/boxes-synthetic.tiff")
+
+
+@pytest.fixture(scope="module")
+def dicom_dir():
+    return real_data("slides/CMU-1-Small-Region-dicom")
+
+
+def test_auto_backend_and_metadata(cmu_small, ndpi, boxes, dicom_dir):
+    with open_slide(cmu_small) as s:
+        assert s.backend == "openslide" and s.vendor == "aperio"
+        assert s.mpp_source == "openslide"
+        assert s.mpp == (float(s.properties["openslide.mpp-x"]),
+                         float(s.properties["openslide.mpp-y"]))
+        assert s.objective_power == float(s.properties["openslide.objective-power"])
+        assert {"label", "macro", "thumbnail"} <= set(s.associated_images)
+        info = s.info()
+        assert info["width"], info["height"] == s.dimensions
+        assert len(info["levels"]) == s.level_count
+    with open_slide(boxes) as s:  # generic TIFF: mpp from its resolution tags (synthetic value)
+        assert s.mpp_source == "tiff-tags"
+        unit_um = {"centimeter": 1e4, "inch": 25400.0}[s.properties["tiff.ResolutionUnit"]]
+        assert s.mpp[0] == pytest.approx(unit_um / float(s.properties["tiff.XResolution"]))
+    with open_slide(ndpi) as s:
+        assert s.backend == "openslide" and s.vendor == "hamamatsu"
+    with open_slide(dicom_dir) as s:  # a DICOM folder opens through any one of its files
+        assert s.backend == "openslide" and s.vendor == "dicom"
+
+
+def test_mpp_override_and_missing(cmu_small, tmp_path):
+    with open_slide(cmu_small, slide_mpp=0.25) as s:
+        assert s.mpp == (0.25, 0.25) and s.mpp_source == "override"
+        assert s.level_mpp(0) == 0.25
+    plain = tmp_path / "generated-no-resolution.tif"  # generated: a TIFF without pixel size
+    tifffile.imwrite(plain, np.full((64, 80, 3), 200, np.uint8))
+    with open_slide(plain) as s:
+        assert s.backend == "tiffslide" and s.mpp is None and s.mpp_source is None
+        with pytest.raises(MissingMppError) as err:
+            s.require_mpp()
+    line = err.value.one_line()
+    assert str(plain) in line and "--slide-mpp" in line
+
+
+def test_tiffslide_only_formats_are_routed_to_tiffslide(tmp_path):
+    rgb = np.asarray(Image.open(real_data("images/he-target-tiatoolbox.png")).convert("RGB"))
+    ome = tmp_path / "generated-pyramid.ome.tif"  # generated OME-TIFF with a SubIFD pyramid
+    with tifffile.TiffWriter(ome) as tw:
+        opts = {"tile": (256, 256), "photometric": "rgb", "resolution": (1e4 / 0.5, 1e4 / 0.5),
+                "resolutionunit": "CENTIMETER"}
+        tw.write(rgb, subifds=1, metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, **opts)
+        tw.write(rgb[::2, ::2], subfiletype=1, **opts)
+    with open_slide(ome) as s:
+        assert s.backend == "tiffslide"
+        assert s.level_count == 2
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (300, 200)), rgb[:200, :300])
+
+
+def _shared_levels(a, b):
+    return [(i, b.level_downsamples.index(d)) for i, d in enumerate(a.level_downsamples)
+            if d in b.level_downsamples]
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "fluorescence-DAPI.ndpi",
+                                  "boxes-synthetic.tiff"])
+def test_backends_give_identical_pixels(name):
+    path = real_data(f"slides/{name}")
+    with open_slide(path, backend="openslide") as o, open_slide(path, backend="tiffslide") as t:
+        assert o.dimensions == t.dimensions
+        pairs = _shared_levels(o, t)
+        assert pairs
+        for lo, lt in pairs:
+            ds = o.level_downsamples[lo]
+            if ds != int(ds):  # OpenSlide interpolates fractional level positions: skip
+                continue
+            w, h = o.level_dimensions[lo]
+            # the whole level, an inner block, and a block hanging over the bottom-right edge
+            boxes = [((w // 3, h // 4), (min(w // 3, 1024), min(h // 3, 1024))),
+                     ((w - w // 5, h - h // 6), (w // 3, h // 3))]
+            if w * h <= 7_000_000:
+                boxes.append(((0, 0), (w, h)))
+            for (lx, ly), size in boxes:
+                loc = (level_to_level0(lx, ds), level_to_level0(ly, ds))
+                a, b = o.read_region(loc, lo, size), t.read_region(loc, lt, size)
+                assert a.shape == (size[1], size[0], 3) and a.dtype == np.uint8
+                np.testing.assert_array_equal(a, b, err_msg=f"{name} level {lo} at {loc}")
+
+
+def test_dicom_matches_svs_geometry_and_pixels(cmu_small, dicom_dir):
+    """DICOM is OpenSlide-only. This wsi2dcm file labels YCbCr JPEG frames as RGB, and
+    OpenSlide 4.0 honours the label, so its output is the stored YCbCr: converted, it matches
+    the SVS up to JPEG re-encoding error."""
+    with open_slide(cmu_small) as svs, open_slide(dicom_dir) as dcm:
+        assert dcm.dimensions == svs.dimensions and dcm.mpp == svs.mpp
+        a = svs.read_region((0, 0), 0, svs.dimensions).astype(np.int16)
+        raw = dcm.read_region((0, 0), 0, svs.dimensions)
+    if dcm.properties.get("dicom.PhotometricInterpretation") == "RGB":
+        raw = np.asarray(Image.fromarray(raw, "YCbCr").convert("RGB"))
+    diff = np.abs(a - raw.astype(np.int16))
+    assert diff.mean() < 6 and np.percentile(diff, 99) < 40
+
+
+def test_level_coordinates_round_trip(boxes):
+    with open_slide(boxes) as s:
+        for ds in s.level_downsamples:
+            for v in range(0, 200, 7):
+                assert level0_to_level(level_to_level0(v, ds), ds) == v
+
+
+def test_best_level_for_mpp(ndpi):
+    with open_slide(ndpi) as s:
+        mpps = [s.level_mpp(i) for i in range(s.level_count)]
+        for target in (0.1, mpps[0], 0.972, mpps[2] * 1.5, 100.0):
+            level = s.best_level_for_mpp(target)
+            finer_or_equal = [i for i, m in enumerate(mpps) if m <= target * (1 + 1e-3)]
+            assert level == (max(finer_or_equal, key=lambda i: mpps[i]) if finer_or_equal else 0)
+            assert mpps[level] <= target * (1 + 1e-3) or level == 0
+
+
+def test_spec_reopens_the_same_slide(ndpi):
+    with open_slide(ndpi, backend="tiffslide", slide_mpp=0.3) as s:
+        spec = pickle.loads(pickle.dumps(s.spec))
+        with open_slide(**spec) as again:
+            assert again.backend == "tiffslide" and again.mpp == (0.3, 0.3)
+            np.testing.assert_array_equal(again.read_region((512, 512), 1, (100, 80)),
+                                          s.read_region((512, 512), 1, (100, 80)))
+
+
+def test_read_downsampled_is_an_area_average(cmu_small):
+    with open_slide(cmu_small) as s:
+        img, ds = s.read_downsampled(16)
+        assert ds == 16.0
+        w, h = s.dimensions
+        assert img.shape == (-(-h // 16), -(-w // 16), 3)
+        block = s.read_region((160, 320), 0, (16, 16)).astype(np.float64).mean(axis=(0, 1))
+        np.testing.assert_array_equal(img[20, 10], np.rint(block).astype(np.uint8))
+        thumb = s.thumbnail(256)
+        assert max(thumb.shape[:2]) <= 256
+
+
+def test_outside_the_slide_is_white(cmu_small):
+    with open_slide(cmu_small) as s:
+        w, h = s.dimensions
+        region = s.read_region((w - 10, h - 10), 0, (30, 30))
+        assert (region[10:, 10:] == 255).all() or (region[20:, 20:] == 255).all()
+
+
+def test_bad_inputs(tmp_path, cmu_small):
+    with pytest.raises(InputNotFoundError):
+        open_slide(tmp_path / "nope.svs")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not a slide\n")
+    with pytest.raises(UnsupportedFormatError):
+        open_slide(txt)
+    with pytest.raises(UnsupportedFormatError):
+        open_slide(tmp_path)  # a folder without DICOM files
+    truncated = tmp_path / "generated-truncated.svs"  # generated: first 30% of the real SVS
+    data = cmu_small.read_bytes()
+    truncated.write_bytes(data[: len(data) * 3 // 10])
+    with pytest.raises(CorruptSlideError):
+        with open_slide(truncated) as s:
+            s.read_region((0, 0), 0, s.dimensions)
+    with pytest.raises(InvalidArgumentError):
+        open_slide(cmu_small, backend="bioformats")
+    with open_slide(cmu_small) as s, pytest.raises(InvalidArgumentError):
+        s.read_region((0, 0), 5, (10, 10))
