@@ -1,0 +1,13 @@
+"""Result writers beside the heatmap (see :mod:`histotile.stitch` for ``heatmap.ome.zarr``).
+
+- :mod:`histotile.export.csv`: ``predictions.csv`` (``PredictionsCSVWriter``,
+  ``read_predictions_csv``)
+- :mod:`histotile.export.qupath`: ``tiles.geojson.gz`` (``GeoJSONTileWriter``, ``merge_classes``,
+  ``export_qupath``)
+- :mod:`histotile.export.overlay`: ``overlay.png`` and ``tissue.png`` (``write_overlay``,
+  ``write_mask_png``)
+- :mod:`histotile.export.ome_tiff`: pyramidal OME-TIFF of the heatmap (``export_ome_tiff``)
+
+Each writer streams (memory bounded by the batch) and writes ``<name>.tmp`` renamed when complete.
+Submodules are imported on use so that ``import histotile.export`` stays light.
+"""

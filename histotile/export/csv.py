@@ -1,0 +1,143 @@
+"""``predictions.csv``: one row per patch, ``minx,miny,width,height`` (level-0 px),
+``prob_<class>``..., ``label`` (the argmax class name): WSInfer's columns plus the argmax.
+Streamed and atomic."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histotile.errors import InputNotFoundError, InvalidArgumentError
+
+GEOMETRY_COLUMNS = ["minx", "miny", "width", "height"]
+
+
+def prob_columns(class_names: Sequence[str]) -> list[str]:
+    return [f"prob_{n}" for n in class_names]
+
+
+class PredictionsCSVWriter:
+    """Append batches of predictions to ``path`` (written as ``<path>.tmp``, renamed on close)."""
+
+    def __init__(self, path: str | Path, class_names: Sequence[str],
+                 patch_size_level0: int | tuple[int, int] | None = None) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.class_names = list(class_names)
+        self.size = patch_size_level0
+        self._fh = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()
+        header = GEOMETRY_COLUMNS + prob_columns(self.class_names) + ["label"]
+        self._fh.write(",".join(header) + "\n")
+        self.rows = 0
+
+    def write(self, coords: np.ndarray, probs: np.ndarray,
+              size: int | tuple[int, int] | np.ndarray | None = None) -> None:
+        """``coords`` (n, 2) level-0 (x, y) top-left; ``probs`` (n, C); ``size`` per patch (or the
+        constructor's ``patch_size_level0``)."""
+        coords = np.asarray(coords).reshape(-1, 2)
+        probs = np.asarray(probs, dtype=np.float64).reshape(len(coords), len(self.class_names))
+        size = self.size if size is None else size
+        if size is None:
+            raise InvalidArgumentError("no patch size for predictions.csv",
+                                       "pass patch_size_level0")
+        wh = np.broadcast_to(np.asarray(size).reshape(-1, 2) if np.ndim(size) else
+                             np.asarray([size, size]), (len(coords), 2))
+        labels = np.asarray(self.class_names)[probs.argmax(axis=1)] if len(coords) else []
+        lines = []
+        for (x, y), (w, h), p, lab in zip(coords.tolist(), wh.tolist(), probs.tolist(), labels,
+                                          strict=True):
+            lines.append(f"{_num(x)},{_num(y)},{_num(w)},{_num(h)},"
+                         + ",".join(f"{v:.7g}" for v in p) + f",{lab}\n")
+        self._fh.write("".join(lines))
+        self.rows += len(coords)
+
+    def close(self) -> Path:
+        if not self._fh.closed:
+            self._fh.close()
+            os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> PredictionsCSVWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close() if exc_type is None else self.abort()
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
+
+
+@dataclass
+class Predictions:
+    """A block of rows of ``predictions.csv``."""
+
+    class_names: list[str]
+    coords: np.ndarray  # (n, 2) level-0 x, y (int64 when whole numbers)
+    sizes: np.ndarray  # (n, 2) width, height
+    probs: np.ndarray  # (n, C) float64 (exactly the written decimals)
+    labels: np.ndarray  # (n,) str
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+def _header(path: Path, reader: Iterator[list[str]]) -> list[str]:
+    header = next(reader, None)
+    if not header or header[:4] != GEOMETRY_COLUMNS or header[-1] != "label":
+        raise InvalidArgumentError(f"{path} is not a histotile predictions.csv",
+                                   "expected minx,miny,width,height,prob_<class>...,label")
+    return [h[len("prob_"):] for h in header[4:-1]]
+
+
+def iter_predictions_csv(path: str | Path, chunk_rows: int = 20000) -> Iterator[Predictions]:
+    """Read ``predictions.csv`` in blocks of ``chunk_rows`` rows (memory bounded by the block)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"no predictions at {path}", "run histotile predict first")
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        names = _header(path, reader)
+        rows: list[list[str]] = []
+        for row in reader:
+            rows.append(row)
+            if len(rows) >= chunk_rows:
+                yield _block(names, rows)
+                rows = []
+        if rows:
+            yield _block(names, rows)
+
+
+def _block(names: list[str], rows: list[list[str]]) -> Predictions:
+    geo = np.asarray([r[:4] for r in rows], dtype=np.float64)
+    if np.all(geo == np.rint(geo)):
+        geo = geo.astype(np.int64)
+    probs = np.asarray([r[4:-1] for r in rows], dtype=np.float64)
+    return Predictions(names, geo[:, :2], geo[:, 2:], probs, np.asarray([r[-1] for r in rows]))
+
+
+def read_predictions_csv(path: str | Path) -> Predictions:
+    """All of ``predictions.csv`` at once (small results; use :func:`iter_predictions_csv` else)."""
+    blocks = list(iter_predictions_csv(path))
+    if not blocks:
+        with open(path, newline="") as fh:
+            names = _header(Path(path), csv.reader(fh))
+        c = len(names)
+        return Predictions(names, np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64),
+                           np.zeros((0, c), np.float64), np.zeros(0, str))
+    return Predictions(
+        blocks[0].class_names,
+        np.concatenate([b.coords for b in blocks]), np.concatenate([b.sizes for b in blocks]),
+        np.concatenate([b.probs for b in blocks]), np.concatenate([b.labels for b in blocks]),
+    )
