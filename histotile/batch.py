@@ -146,6 +146,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]],
     seen: set[str] = set()
     inputs = [os.fspath(i) for i in inputs]
     for text in inputs:
+        if not text.strip():  # e.g. "$(cmd)" that printed nothing: never expand to the cwd
+            raise InputNotFoundError("empty input path", hint="name a slide, folder, glob or "
+                                     "list file", subject="''")
         for item in _expand_one(text, extensions):
             key = os.path.normpath(os.path.abspath(item))
             if key not in seen:

@@ -148,7 +148,12 @@ def names() -> list[str]:
 
 def fetch(name: str = DEFAULT_SAMPLE, progress: bool = False) -> Path:
     """Local path of sample ``name`` (an alias or a relative path), downloading it if needed."""
-    return fetch_by_path(ALIASES.get(name, name), progress=progress)
+    key = ALIASES.get(name.lower(), name)
+    if key not in SAMPLES:  # a bare file name, e.g. "CMU-1-Small-Region.svs"
+        by_name = [k for k in SAMPLES if Path(k).name.lower() == name.lower()]
+        if len(by_name) == 1:
+            key = by_name[0]
+    return fetch_by_path(key, progress=progress)
 
 
 def fetch_by_path(relpath: str, progress: bool = False) -> Path:

@@ -1,0 +1,631 @@
+"""``histotile.predict``: slides and patch archives → per-patch class probabilities.
+
+Per slide ``OUT/<stem>/`` holds ``heatmap.ome.zarr``, ``predictions.csv``, ``tiles.geojson.gz``
+(QuPath), ``overlay.png``, ``tissue.png`` and ``run.json`` (written last by
+:func:`histotile.batch.run_batch`; it marks the slide done and a second run skips it). A patch
+archive (PCam HDF5, MedMNIST npz) gives ``predictions.csv`` (``index[,x,y],prob_<class>...,
+label[,true_label]``) and ``run.json`` with the accuracy when the archive has labels.
+
+The model card decides the patch size and mpp; ``stain_norm="auto"`` uses the card's stain
+method and reference: Macenko fitted once per slide on a seeded sample of ≤ 64 tissue patches
+(applied in the readers), or per patch for archives (their patches come from many slides; this
+is what ``histotile train``/``evaluate`` do).
+Loading is lazy: the card (JSON) is read up front, torch and the weights only when the first
+batch of the first slide is ready, and a folder run loads the model once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from histotile import __version__
+from histotile.errors import (
+    CorruptSlideError,
+    HistotileError,
+    InvalidArgumentError,
+    ModelError,
+    NoTissueError,
+)
+
+if TYPE_CHECKING:
+    from histotile.batch import BatchSummary
+    from histotile.models.card import ModelCard
+    from histotile.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 256
+STAIN_SAMPLE = 64  # tissue patches the per-slide stain fit is made on
+STAIN_SEED = 0
+OUTPUT_FILES = ("heatmap.ome.zarr", "predictions.csv", "tiles.geojson.gz", "overlay.png",
+                "tissue.png", "run.json")
+STAIN_METHODS = ("auto", "none", "macenko")
+
+
+# --------------------------------------------------------------------------- model, lazily
+class LazyModel:
+    """The card now (cheap JSON), the weights on first call; a failure is remembered."""
+
+    def __init__(self, spec: str | Path | None, device: str = "auto") -> None:
+        from histotile.models.card import load_card
+        from histotile.models.loading import resolve_model
+
+        self.spec = spec
+        self.device_spec = device
+        self.folder = resolve_model(spec)
+        self.card: ModelCard = load_card(self.folder)
+        self._loaded: LoadedModel | None = None
+        self._error: BaseException | None = None
+        self._device: Any = None
+        self.load_s = 0.0
+
+    @property
+    def device(self) -> Any:
+        """The torch device (imports torch)."""
+        if self._device is None:
+            from histotile.models.loading import resolve_device
+
+            self._device = resolve_device(self.device_spec)
+        return self._device
+
+    def __call__(self) -> LoadedModel:
+        if self._loaded is None:
+            if self._error is not None:
+                raise self._error
+            from histotile.models.loading import load_model
+
+            t0 = time.perf_counter()
+            try:
+                self._loaded = load_model(self.folder, self.device)
+            except BaseException as exc:
+                self._error = exc
+                raise
+            self.load_s = time.perf_counter() - t0
+            log.info("loaded model %s on %s in %.2f s", self.card.name, self.device, self.load_s)
+        return self._loaded
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def describe(self) -> dict[str, Any]:
+        """Model info for run.json (weights sha256 as verified when loaded, else the card's)."""
+        sha = self._loaded.weights_sha256 if self._loaded else self.card.weights["sha256"]
+        return {"name": self.card.name, "version": self.card.version,
+                "folder": str(self.folder), "weights_sha256": sha,
+                "card": self.card.to_dict()}
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass
+class PredictSettings:
+    """Everything one predict run needs besides the inputs (see :func:`predict`)."""
+
+    model: LazyModel
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None
+    slide_mpp: float | None = None
+    stain_norm: str = "auto"
+    min_tissue: float = 0.5
+    overlap: float = 0.0
+    split: str = "test"
+    backend: str = "auto"
+    progress: bool = True
+    command: str = ""
+    region_size: int = 2048
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stain_method(self) -> str:
+        if self.stain_norm == "auto":
+            return str((self.model.card.stain or {}).get("method") or "none")
+        return self.stain_norm
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the outputs: a finished slide with the same fingerprint is skipped."""
+        card = self.model.card
+        return {"job": "predict", "model": card.name, "model_version": card.version,
+                "weights_sha256": card.weights["sha256"], "patch_size": card.patch_size,
+                "mpp": card.mpp, "stain_norm": self.stain_method, "min_tissue": self.min_tissue,
+                "overlap": self.overlap, "slide_mpp": self.slide_mpp, "backend": self.backend,
+                "split": self.split}
+
+
+class StageTimer:
+    """Seconds per named stage (``with timer("tissue"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def git_commit() -> str | None:
+    """The commit of the histotile checkout, when it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _environment(settings: PredictSettings) -> dict[str, Any]:
+    import torch
+
+    dev = settings.model.device
+    info: dict[str, Any] = {"histotile_version": __version__, "git_commit": git_commit(),
+                            "command": settings.command, "torch_version": torch.__version__,
+                            "device": str(dev), "torch_threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+# --------------------------------------------------------------------------- stain
+def make_stain_step(settings: PredictSettings, sample: np.ndarray | None, subject: str
+                    ) -> tuple[Any, dict[str, Any]]:
+    """The stain step (or None) and its run.json info.
+
+    With a ``sample`` uint8 (k,P,P,3) the normaliser is fitted once on it (per slide);
+    with ``None`` every patch is fitted on its own (per patch, as ``histotile train`` does).
+    """
+    method = settings.stain_method
+    if method == "none":
+        return None, {"method": "none"}
+    from histotile.engine import StainStep
+    from histotile.stain import make_normalizer
+
+    card = settings.model.card
+    reference = (card.stain or {}).get("reference") if settings.stain_norm == "auto" else None
+    normalizer = make_normalizer(method, reference=reference, channels_last=True)
+    info: dict[str, Any] = {"method": method,
+                            "reference": "model card" if reference else "default"}
+    if sample is None:
+        return StainStep(normalizer, None), {**info, "mode": "per patch"}
+    try:
+        fit = normalizer.fit(sample)
+    except NoTissueError as exc:
+        log.warning("%s: stain fit failed (%s); predicting without stain normalisation",
+                    subject, exc.message)
+        return None, {"method": "none", "requested": method, "fit_error": exc.message}
+    return StainStep(normalizer, fit), {
+        **info, "mode": "per slide", "sample_patches": int(len(sample)), "seed": STAIN_SEED,
+        "fit": {"stain_matrix": fit.stain_matrix.double().cpu().tolist(),
+                "max_concentrations": fit.max_concentrations.double().cpu().tolist(),
+                "n_pixels": int(fit.n_pixels)}}
+
+
+def _slide_stain_sample(slide: Any, grid: Any) -> np.ndarray:
+    from histotile.patches import read_patch
+
+    n = min(STAIN_SAMPLE, len(grid))
+    pick = np.sort(np.random.default_rng(STAIN_SEED).choice(len(grid), size=n, replace=False))
+    return np.stack([read_patch(slide, grid, int(i)) for i in pick])
+
+
+# --------------------------------------------------------------------------- slides
+def predict_slide(item: Path, tmp_dir: Path, settings: PredictSettings) -> dict[str, Any]:
+    """Predict one slide into ``tmp_dir`` (every output but run.json); returns run info."""
+    from histotile.grid import make_grid
+    from histotile.patches import plan_regions
+    from histotile.slide import open_slide
+    from histotile.tissue import detect_tissue
+
+    timer = StageTimer()
+    card = settings.model.card
+    with timer("open"):
+        try:
+            slide = open_slide(item, backend=settings.backend, slide_mpp=settings.slide_mpp)
+        except HistotileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader crash on a damaged file
+            raise CorruptSlideError(
+                f"cannot be read as a slide ({type(exc).__name__}: {exc})",
+                "the file may be truncated or corrupt; re-copy it", subject=str(item)) from exc
+    with slide:
+        slide.require_mpp()
+        with timer("tissue"):
+            tissue = detect_tissue(slide)
+            grid = make_grid(slide, card.patch_size, target_mpp=card.mpp,
+                             overlap=settings.overlap, tissue=tissue,
+                             min_tissue=settings.min_tissue)
+        if len(grid) == 0:
+            raise NoTissueError(
+                f"no patch has at least {settings.min_tissue:.0%} tissue",
+                "lower --min-tissue, or check the slide (blank? wrong --slide-mpp?)",
+                subject=str(item))
+        regions = plan_regions(grid, slide, settings.region_size)
+        with timer("stain"):
+            stain, stain_info = make_stain_step(settings, _slide_stain_sample(slide, grid),
+                                                str(item))
+        stats = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, settings, timer)
+        slide_info = slide.info()
+    timer.add("read", stats.read_s)
+    timer.add("stain", stats.stain_s)
+    timer.add("model", stats.model_s)
+    return {
+        **_environment(settings),
+        "kind": "slide", "patches": len(grid), "regions": len(regions),
+        "model": settings.model.describe(),
+        "mpp": {"slide_mpp": grid.slide_mpp, "source": grid.mpp_source,
+                "target_mpp": grid.target_mpp, "effective_mpp": grid.effective_mpp,
+                "level": grid.level},
+        "grid": grid.to_attrs(),
+        "tissue": {"method": tissue.method, "threshold": float(tissue.threshold),
+                   "fraction": round(tissue.fraction, 4), "downsample": tissue.downsample,
+                   "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape)},
+        "stain": stain_info,
+        "settings": {"batch_size": settings.batch_size, "workers": effective_workers(settings),
+                     "min_tissue": settings.min_tissue, "overlap": settings.overlap,
+                     "backend": slide_info.get("backend")},
+        "slide_info": slide_info,
+        "engine": stats.to_dict(),
+        "timings": timer.rounded(),
+        "files": list(OUTPUT_FILES),
+    }
+
+
+def effective_workers(settings: PredictSettings) -> int:
+    from histotile.engine import default_workers
+
+    if settings.workers is not None:
+        return settings.workers
+    return default_workers(settings.model.device)
+
+
+def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: Any,
+               tmp_dir: Path, settings: PredictSettings, timer: StageTimer) -> Any:
+    from histotile.engine import EngineStats, run_inference
+    from histotile.export.csv import PredictionsCSVWriter
+    from histotile.export.qupath import GeoJSONTileWriter
+    from histotile.stitch import HeatmapWriter
+
+    card = settings.model.card
+    names, colors = card.class_names, card.class_colors
+    attrs = {**grid.to_attrs(), "model": card.name, "slide": str(slide.path)}
+    stats = EngineStats()
+    heat = HeatmapWriter(tmp_dir / "heatmap.ome.zarr", grid.grid_shape, grid.indices, names,
+                         colors, attrs)
+    table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0)
+    geo = GeoJSONTileWriter(tmp_dir / "tiles.geojson.gz", names, colors,
+                            id_seed=Path(str(slide.path)).name)
+    writers = [heat, table, geo]
+    labels = np.zeros(len(grid), np.int32)  # argmax per patch, for the overlay
+    bar = _bar(len(grid), settings.progress, Path(str(slide.path)).name)
+    try:
+        for idx, coords, probs in run_inference(
+                slide.spec, grid, regions, settings.model, settings.model.device,
+                batch_size=settings.batch_size, workers=settings.workers, stain=stain,
+                stats=stats, on_batch=bar.update if bar is not None else None):
+            labels[idx] = probs.argmax(axis=1)
+            with timer("stitch"):
+                heat.write(grid.indices[idx], probs)
+            with timer("export"):
+                table.write(coords, probs)
+                geo.write(coords, probs, grid.patch_size_level0)
+        with timer("stitch"):
+            heat.close()
+        with timer("export"):
+            table.close()
+            geo.close()
+            _pictures(tmp_dir, tissue, grid, labels, settings)
+    except BaseException:
+        for w in writers:
+            with contextlib.suppress(Exception):
+                w.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+def _pictures(tmp_dir: Path, tissue: Any, grid: Any, labels: np.ndarray,
+              settings: PredictSettings) -> None:
+    from histotile.export.overlay import write_mask_png, write_overlay
+
+    card = settings.model.card
+    write_mask_png(tmp_dir / "tissue.png", tissue.mask)
+    write_overlay(tmp_dir / "overlay.png", tissue.thumbnail, tissue.downsample, grid.coords,
+                  grid.patch_size_level0, labels, card.class_names, card.class_colors,
+                  tissue_mask=tissue.mask)
+
+
+def _bar(total: int, enabled: bool, name: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name[-30:], unit="patch", leave=False, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- archives
+def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dict[str, Any]:
+    """Per-patch predictions for a PCam HDF5 / MedMNIST npz into ``tmp_dir/predictions.csv``."""
+    from histotile.archives import open_archive
+    from histotile.engine import EngineStats, classify
+
+    timer = StageTimer()
+    card = settings.model.card
+    with open_archive(item, split=settings.split) as archive:
+        if archive.patch_size != card.patch_size:
+            raise ModelError(
+                f"patches are {archive.patch_size} px but model {card.name!r} expects "
+                f"{card.patch_size} px", "use a model made for this patch size",
+                subject=str(item))
+        with timer("stain"):
+            stain, stain_info = make_stain_step(settings, None, str(item))
+        stats = EngineStats()
+        pred = np.empty(len(archive), np.int64)
+        bar = _bar(len(archive), settings.progress, item.name)
+        path = tmp_dir / "predictions.csv"
+        try:
+            with open(path, "w", newline="") as fh:
+                fh.write(_archive_header(card.class_names, archive) + "\n")
+                batches = _archive_batches(archive, settings.batch_size, stain, stats)
+                for idx, probs in classify(batches, settings.model, settings.model.device,
+                                           stats=stats,
+                                           on_batch=bar.update if bar is not None else None):
+                    with timer("export"):
+                        pred[idx] = probs.argmax(axis=1)
+                        fh.write(_archive_rows(idx, probs, card.class_names, archive))
+        finally:
+            if bar is not None:
+                bar.close()
+        timer.add("read", stats.read_s)
+        timer.add("stain", stats.stain_s)
+        timer.add("model", stats.model_s)
+        info: dict[str, Any] = {
+            **_environment(settings), "kind": archive.kind, "patches": len(archive),
+            "split": archive.split if archive.kind == "medmnist-npz" else None,
+            "model": settings.model.describe(), "stain": stain_info,
+            "settings": {"batch_size": settings.batch_size},
+            "engine": stats.to_dict(), "timings": timer.rounded(),
+            "files": ["predictions.csv", "run.json"],
+        }
+        if archive.labels is not None:
+            info["labels"] = {"source": archive.labels_source}
+            info.update(_accuracy(archive.labels, pred, card.num_classes, str(item)))
+    return info
+
+
+def _archive_batches(archive: Any, batch_size: int, stain: Any,
+                     stats: Any) -> Iterator[tuple[np.ndarray, Any]]:
+    import torch
+
+    it = archive.iter_batches(batch_size)
+    while True:
+        t0 = time.perf_counter()
+        nxt = next(it, None)
+        t1 = time.perf_counter()
+        if nxt is None:
+            return
+        idx, patches = nxt
+        if stain is not None:
+            patches = stain(patches)
+        stats.read_s += t1 - t0
+        stats.stain_s += time.perf_counter() - t1
+        yield idx, torch.from_numpy(patches)
+
+
+def _archive_header(names: Sequence[str], archive: Any) -> str:
+    cols = ["index"] + (["x", "y"] if archive.coords is not None else [])
+    cols += [f"prob_{n}" for n in names] + ["label"]
+    if archive.labels is not None:
+        cols.append("true_label")
+    return ",".join(cols)
+
+
+def _archive_rows(idx: np.ndarray, probs: np.ndarray, names: Sequence[str], archive: Any) -> str:
+    arg = probs.argmax(axis=1)
+    lines = []
+    for k, i in enumerate(idx.tolist()):
+        parts = [str(i)]
+        if archive.coords is not None:
+            parts += [str(int(v)) for v in archive.coords[i]]
+        parts += [f"{v:.6g}" for v in probs[k].tolist()]
+        parts.append(names[arg[k]])
+        if archive.labels is not None:
+            t = int(archive.labels[i])
+            parts.append(names[t] if 0 <= t < len(names) else str(t))
+        lines.append(",".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int,
+              subject: str) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    if labels.min() < 0 or labels.max() >= num_classes:
+        log.warning("%s: labels %d..%d do not fit the model's %d classes; no accuracy",
+                    subject, labels.min(), labels.max(), num_classes)
+        return {"accuracy": None}
+    return {"accuracy": round(float(accuracy_score(labels, pred)), 6),
+            "balanced_accuracy": round(float(balanced_accuracy_score(labels, pred)), 6),
+            "correct": int((labels == pred).sum())}
+
+
+# --------------------------------------------------------------------------- entry point
+def make_predict_process(options: dict[str, Any]) -> Any:
+    """``process(item, tmp_dir) -> info`` for :func:`histotile.batch.run_items`.
+
+    ``options`` are plain :class:`PredictSettings` keywords with ``model`` as a spec, so
+    ``functools.partial(make_predict_process, options)`` pickles to dask workers; each process
+    builds its own lazily loaded model once and reuses it for every item.
+    """
+    from histotile.archives import is_archive
+
+    opts = dict(options)
+    settings = PredictSettings(model=LazyModel(opts.pop("model"), opts.get("device", "auto")),
+                               **opts)
+    configured: list[bool] = []
+
+    def process(item: Path, tmp_dir: Path) -> dict[str, Any]:
+        settings.model.raise_if_failed()  # a model that failed to load fails the rest fast
+        t0 = time.perf_counter()
+        if not configured:  # torch is imported only once there is work to do
+            from histotile.engine import configure_threads
+
+            configure_threads(settings.model.device, effective_workers(settings))
+            configured.append(True)
+        setup = time.perf_counter() - t0
+        if is_archive(item):
+            info = predict_archive(Path(item), Path(tmp_dir), settings)
+        else:
+            info = predict_slide(Path(item), Path(tmp_dir), settings)
+        info["timings"]["setup"] = round(setup, 3)  # torch import (first item), threads
+        return info
+
+    return process
+
+
+def _validate(batch_size: int, workers: int | None, min_tissue: float, overlap: float,
+              stain_norm: str) -> None:
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch size {batch_size} is not positive",
+                                   "use e.g. --batch-size 256", subject="--batch-size")
+    if workers is not None and workers < 0:
+        raise InvalidArgumentError(f"{workers} workers", "use 0 or more", subject="--workers")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise InvalidArgumentError(f"min tissue {min_tissue} is outside [0, 1]",
+                                   "use e.g. --min-tissue 0.5", subject="--min-tissue")
+    if not 0.0 <= overlap < 1.0:
+        raise InvalidArgumentError(f"overlap {overlap} is outside [0, 1)",
+                                   "use e.g. --overlap 0.5", subject="--overlap")
+    if stain_norm not in STAIN_METHODS:
+        raise InvalidArgumentError(f"unknown stain normalisation {stain_norm!r}",
+                                   f"use one of {', '.join(STAIN_METHODS)}",
+                                   subject="--stain-norm")
+
+
+def predict(
+    inputs: str | Path | Sequence[str | Path],
+    out_dir: str | Path = "histotile-out",
+    model: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    slide_mpp: float | None = None,
+    stain_norm: str = "auto",
+    min_tissue: float = 0.5,
+    overlap: float = 0.0,
+    overwrite: bool = False,
+    split: str = "test",
+    backend: str = "auto",
+    shard: tuple[int, int] | str | None = None,
+    executor: str = "serial",
+    jobs: int = 2,
+    cluster: str = "slurm",
+    cluster_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_error: Any = "report",
+    command: str | None = None,
+) -> BatchSummary:
+    """Predict every slide/archive in ``inputs`` into ``out_dir/<stem>/``.
+
+    ``inputs``: files, folders (sorted, recursive), globs or list files. ``model``: a bundled
+    name (default ``pathmnist-smallcnn``), a model folder, a URL or ``hf://org/repo``.
+    ``workers=None`` picks the engine default (see :mod:`histotile.engine`). Finished items
+    with the same settings are skipped unless ``overwrite``. One failing item does not stop
+    the others: see the returned summary (``.failed``, ``.exit_code``, ``.manifest``).
+    ``executor``: ``serial`` (this process), ``local`` or ``dask-jobqueue`` (``jobs`` workers).
+    """
+    from histotile.batch import expand_inputs, resolve_shard, run_items
+
+    _validate(batch_size, workers, min_tissue, overlap, stain_norm)
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    items = expand_inputs(inputs)
+    if str(device) != "auto" and str(device) != "cpu":  # fail once, up front (imports torch)
+        from histotile.models.loading import resolve_device
+
+        resolve_device(device)
+    options = {
+        "model": None if model is None else str(model), "device": device,
+        "batch_size": batch_size, "workers": workers, "slide_mpp": slide_mpp,
+        "stain_norm": stain_norm, "min_tissue": min_tissue, "overlap": overlap,
+        "split": split, "backend": backend, "progress": progress,
+        "command": command if command is not None else _library_command(inputs, out_dir, model),
+    }
+    fingerprint = PredictSettings(model=LazyModel(model, device),
+                                  **{k: v for k, v in options.items() if k != "model"}
+                                  ).fingerprint()
+    if isinstance(shard, str) or shard is None:
+        shard = resolve_shard(shard)
+    return run_items(items, out_dir, functools.partial(make_predict_process, options),
+                     fingerprint, executor=executor, jobs=jobs, cluster=cluster, shard=shard,
+                     overwrite=overwrite, progress=progress, on_error=on_error,
+                     cluster_kwargs=cluster_kwargs)
+
+
+def _library_command(inputs: Any, out_dir: Any, model: Any) -> str:
+    argv = " ".join(shlex.quote(a) for a in sys.argv)
+    return f"{argv} :: histotile.predict({list(map(str, inputs))!r}, out_dir={str(out_dir)!r}, " \
+           f"model={model!r}) [pid {os.getpid()}]"
+
+
+def accuracy_lines(summary: BatchSummary) -> list[str]:
+    """``<name>: accuracy 0.912 (912/1000)`` for each finished archive with labels."""
+    import json
+
+    lines = []
+    for r in summary.results:
+        if r.status not in ("done", "skipped") or not r.output:
+            continue
+        try:
+            run = json.loads((Path(r.output) / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if run.get("accuracy") is not None:
+            lines.append(f"{Path(r.slide).name}: accuracy {run['accuracy']:.4f} "
+                         f"({run['correct']}/{run['patches']}), balanced accuracy "
+                         f"{run['balanced_accuracy']:.4f}")
+    return lines
+
+
+__all__ = ["LazyModel", "PredictSettings", "accuracy_lines", "predict", "predict_archive",
+           "predict_slide", "HistotileError"]
+
+
+class _CallableModule(types.ModuleType):
+    """After ``import histotile.predict`` the package attribute ``histotile.predict`` is this
+    module rather than the function; calling it calls :func:`predict`, so both spellings work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> BatchSummary:
+        return predict(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
