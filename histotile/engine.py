@@ -257,51 +257,63 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
              model: Any, device: torch.device, amp: bool = True,
              stats: EngineStats | None = None,
              on_batch: Callable[[int], None] | None = None,
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+             explain: Callable[[Any], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+             | None = None,
+             ) -> Iterator[tuple[np.ndarray, ...]]:
     """uint8 NHWC batches → ``(idx, probs float32 (b, classes))``.
 
     ``model`` is a ``LoadedModel`` or a zero-argument callable returning one, called when the
     first batch is ready (lazy loading). On CUDA batch ``k+1`` is queued before the
     probabilities of batch ``k`` are copied back.
+
+    ``explain``: ``factory(loaded) -> fn(x) -> (maps (b, h, w), probs (b, classes))``, built once
+    the model is loaded (e.g. a :class:`histotile.explain.GradCAM`); its pass replaces the plain
+    forward (probabilities from the same pass) and items become ``(idx, probs, maps float32)``.
     """
     from histotile.models.loading import preprocess
 
     loaded = None
-    pending: tuple[np.ndarray, torch.Tensor] | None = None
+    explainer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    pending: tuple[Any, ...] | None = None
     ctx = autocast_context(device) if amp else contextlib.nullcontext()
-    with torch.inference_mode():
+    # the explainer differentiates through its layer: its input may not be an inference tensor
+    with torch.inference_mode() if explain is None else torch.no_grad():
         for idx, batch in batches:
             if loaded is None:
                 t0 = time.perf_counter()
                 loaded = model() if callable(model) else model
+                explainer = explain(loaded) if explain is not None else None
                 if stats is not None:
                     stats.model_load_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             x = preprocess(batch, loaded.card, device)
             with ctx:
-                logits = loaded.module(x)
-            probs = torch.softmax(logits.float(), dim=1)
+                if explainer is None:
+                    item: tuple[Any, ...] = (idx, torch.softmax(loaded.module(x).float(), dim=1))
+                else:
+                    maps, probs = explainer(x)
+                    item = (idx, probs, maps)
             if device.type == "cuda":
                 if pending is not None:
                     yield _finish(pending, stats, t0, on_batch)
-                pending = (idx, probs)
+                pending = item
                 continue
-            yield _finish((idx, probs), stats, t0, on_batch)
+            yield _finish(item, stats, t0, on_batch)
         if pending is not None:
             yield _finish(pending, stats, time.perf_counter(), on_batch)
 
 
-def _finish(item: tuple[np.ndarray, torch.Tensor], stats: EngineStats | None, t0: float,
-            on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
-    idx, probs = item
-    out = probs.to("cpu").numpy().astype(np.float32, copy=False)
+def _finish(item: tuple[Any, ...], stats: EngineStats | None, t0: float,
+            on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, ...]:
+    idx, *tensors = item
+    out = [t.detach().to("cpu").float().numpy() for t in tensors]
     if stats is not None:
         stats.model_s += time.perf_counter() - t0
         stats.batches += 1
         stats.patches += len(idx)
     if on_batch is not None:
         on_batch(len(idx))
-    return idx, out
+    return (idx, *out)
 
 
 def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], model: Any,
@@ -310,8 +322,10 @@ def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], mod
                   stats: EngineStats | None = None,
                   on_batch: Callable[[int], None] | None = None,
                   reader: Callable[[Any, Any, Any], tuple[np.ndarray, np.ndarray]] | None = None,
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stream ``(idx, coords (b,2) level-0 x,y, probs float32 (b, classes))`` over ``regions``.
+                  explain: Callable[[Any], Any] | None = None,
+                  ) -> Iterator[tuple[np.ndarray, ...]]:
+    """Stream ``(idx, coords (b,2) level-0 x,y, probs float32 (b, classes))`` over ``regions``
+    (plus ``maps float32 (b, h, w)`` last with ``explain``: see :func:`classify`).
 
     ``idx`` are row numbers into ``grid.coords``/``grid.indices``. Memory is bounded by
     ``batch_size`` and the readers' prefetch, never by the slide.
@@ -322,5 +336,6 @@ def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], mod
     regions_it = iter_regions(dataset, workers)
     batches = rebatch(regions_it, batch_size, pin=device.type == "cuda", stats=stats)
     coords = np.asarray(grid.coords)
-    for idx, probs in classify(batches, model, device, stats=stats, on_batch=on_batch):
-        yield idx, coords[idx], probs
+    for idx, *out in classify(batches, model, device, stats=stats, on_batch=on_batch,
+                              explain=explain):
+        yield (idx, coords[idx], *out)

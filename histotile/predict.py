@@ -2,7 +2,10 @@
 
 Per slide ``OUT/<stem>/`` holds ``heatmap.ome.zarr``, ``predictions.csv``, ``tiles.geojson.gz``
 (QuPath), ``overlay.png``, ``tissue.png`` and ``run.json`` (written last by
-:func:`histotile.batch.run_batch`; it marks the slide done and a second run skips it). A patch
+:func:`histotile.batch.run_batch`; it marks the slide done and a second run skips it). Options
+add: ``gradcam`` (a ``gradcam`` image in the zarr, ``gradcam_overlay.png``, a ``gradcam_mean``
+per tile in the CSV and GeoJSON), ``classes.geojson.gz`` (``qupath_merge``), ``heatmap.ome.tif``
+(``ome_tiff``); every output option is part of the run fingerprint. A patch
 archive (PCam HDF5, MedMNIST npz) gives ``predictions.csv`` (``index[,x,y],prob_<class>...,
 label[,true_label]``) and ``run.json`` with the accuracy when the archive has labels.
 
@@ -12,6 +15,14 @@ method and reference: Macenko fitted once per slide on a seeded sample of ≤ 64
 is what ``histotile train``/``evaluate`` do).
 Loading is lazy: the card (JSON) is read up front, torch and the weights only when the first
 batch of the first slide is ready, and a folder run loads the model once.
+
+Grad-CAM (``gradcam=True``): one forward + backward per batch (:class:`histotile.explain.GradCAM`
+at the architecture's last conv block or ``cam_layer``) gives the probabilities and the raw map
+of ``cam_class`` (the argmax, or a named class); maps are stitched by
+:class:`histotile.explain.CamStitcher` at ``cam_resolution`` level-0 px per CAM pixel, default
+``patch_size_level0 / 8`` (8 x 8 CAM pixels per patch, about the 7 x 7 grid of smallcnn's last
+block at 28 px), overlapping patches averaged. ``gradcam_mean`` is the mean of a patch's raw map
+at the layer's grid (not normalised, comparable between patches of one run).
 """
 
 from __future__ import annotations
@@ -54,6 +65,8 @@ STAIN_SEED = 0
 OUTPUT_FILES = ("heatmap.ome.zarr", "predictions.csv", "tiles.geojson.gz", "overlay.png",
                 "tissue.png", "run.json")
 STAIN_METHODS = ("auto", "none", "macenko")
+QUPATH_OBJECT_TYPES = ("tile", "detection")
+CAM_PIXELS_PER_PATCH = 8  # default --cam-resolution = patch_size_level0 / this
 
 
 # --------------------------------------------------------------------------- model, lazily
@@ -132,6 +145,15 @@ class PredictSettings:
     progress: bool = True
     command: str = ""
     region_size: int = 2048
+    gradcam: bool = False
+    cam_class: str = "predicted"
+    cam_layer: str | None = None
+    cam_resolution: float | None = None
+    geojson_plain: bool = False
+    qupath_object_type: str = "tile"
+    qupath_min_prob: float | None = None
+    qupath_merge: bool = False
+    ome_tiff: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -147,7 +169,12 @@ class PredictSettings:
                 "weights_sha256": card.weights["sha256"], "patch_size": card.patch_size,
                 "mpp": card.mpp, "stain_norm": self.stain_method, "min_tissue": self.min_tissue,
                 "overlap": self.overlap, "slide_mpp": self.slide_mpp, "backend": self.backend,
-                "split": self.split}
+                "split": self.split,
+                "gradcam": {"class": self.cam_class, "layer": self.cam_layer,
+                            "resolution": self.cam_resolution} if self.gradcam else None,
+                "qupath": {"plain": self.geojson_plain, "object_type": self.qupath_object_type,
+                           "min_prob": self.qupath_min_prob, "merge": self.qupath_merge},
+                "ome_tiff": self.ome_tiff}
 
 
 class StageTimer:
@@ -229,11 +256,9 @@ def make_stain_step(settings: PredictSettings, sample: np.ndarray | None, subjec
 
 
 def _slide_stain_sample(slide: Any, grid: Any) -> np.ndarray:
-    from histotile.patches import read_patch
+    from histotile.patches import sample_patches
 
-    n = min(STAIN_SAMPLE, len(grid))
-    pick = np.sort(np.random.default_rng(STAIN_SEED).choice(len(grid), size=n, replace=False))
-    return np.stack([read_patch(slide, grid, int(i)) for i in pick])
+    return sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
 
 
 # --------------------------------------------------------------------------- slides
@@ -271,7 +296,8 @@ def predict_slide(item: Path, tmp_dir: Path, settings: PredictSettings) -> dict[
         with timer("stain"):
             stain, stain_info = make_stain_step(settings, _slide_stain_sample(slide, grid),
                                                 str(item))
-        stats = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, settings, timer)
+        stats, extra_info = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, settings,
+                                       timer)
         slide_info = slide.info()
     timer.add("read", stats.read_s)
     timer.add("stain", stats.stain_s)
@@ -294,7 +320,8 @@ def predict_slide(item: Path, tmp_dir: Path, settings: PredictSettings) -> dict[
         "slide_info": slide_info,
         "engine": stats.to_dict(),
         "timings": timer.rounded(),
-        "files": list(OUTPUT_FILES),
+        **extra_info,
+        "files": sorted([p.name for p in tmp_dir.iterdir()] + ["run.json"]),
     }
 
 
@@ -307,50 +334,138 @@ def effective_workers(settings: PredictSettings) -> int:
 
 
 def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: Any,
-               tmp_dir: Path, settings: PredictSettings, timer: StageTimer) -> Any:
+               tmp_dir: Path, settings: PredictSettings, timer: StageTimer
+               ) -> tuple[Any, dict[str, Any]]:
+    """Stream the slide through the model into the writers; returns (engine stats, run info)."""
     from histotile.engine import EngineStats, run_inference
     from histotile.export.csv import PredictionsCSVWriter
-    from histotile.export.qupath import GeoJSONTileWriter
+    from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter
     from histotile.stitch import HeatmapWriter
 
     card = settings.model.card
     names, colors = card.class_names, card.class_colors
+    seed = Path(str(slide.path)).name
     attrs = {**grid.to_attrs(), "model": card.name, "slide": str(slide.path)}
     stats = EngineStats()
     heat = HeatmapWriter(tmp_dir / "heatmap.ome.zarr", grid.grid_shape, grid.indices, names,
                          colors, attrs)
-    table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0)
-    geo = GeoJSONTileWriter(tmp_dir / "tiles.geojson.gz", names, colors,
-                            id_seed=Path(str(slide.path)).name)
-    writers = [heat, table, geo]
+    extra_cols = ["gradcam_mean"] if settings.gradcam else []
+    table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0,
+                                 extra_columns=extra_cols)
+    geo = GeoJSONTileWriter(tmp_dir / (TILES_PLAIN if settings.geojson_plain else TILES_GZ),
+                            names, colors, object_type=settings.qupath_object_type,
+                            min_prob=settings.qupath_min_prob, gzip=not settings.geojson_plain,
+                            id_seed=seed)
+    writers: list[Any] = [heat, table, geo]
+    stitcher, explain = _gradcam_parts(heat, grid, settings) if settings.gradcam else (None, None)
     labels = np.zeros(len(grid), np.int32)  # argmax per patch, for the overlay
-    bar = _bar(len(grid), settings.progress, Path(str(slide.path)).name)
+    bar = _bar(len(grid), settings.progress, seed)
     try:
-        for idx, coords, probs in run_inference(
+        for idx, coords, probs, *maps in run_inference(
                 slide.spec, grid, regions, settings.model, settings.model.device,
                 batch_size=settings.batch_size, workers=settings.workers, stain=stain,
-                stats=stats, on_batch=bar.update if bar is not None else None):
+                stats=stats, on_batch=bar.update if bar is not None else None,
+                explain=explain):
             labels[idx] = probs.argmax(axis=1)
+            extra = {"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps else None
             with timer("stitch"):
                 heat.write(grid.indices[idx], probs)
+                if stitcher is not None:
+                    stitcher.add(grid.indices[idx], maps[0])
             with timer("export"):
-                table.write(coords, probs)
-                geo.write(coords, probs, grid.patch_size_level0)
+                table.write(coords, probs, extra=extra)
+                geo.write(coords, probs, grid.patch_size_level0, extra=extra)
         with timer("stitch"):
+            if stitcher is not None:
+                stitcher.close()  # before the writer builds the pyramids
             heat.close()
         with timer("export"):
             table.close()
             geo.close()
             _pictures(tmp_dir, tissue, grid, labels, settings)
+            info = _extra_outputs(tmp_dir, tissue, settings, seed, stitcher, geo)
     except BaseException:
         for w in writers:
             with contextlib.suppress(Exception):
                 w.abort()
+        _drop_cam_scratch(stitcher)
         raise
     finally:
         if bar is not None:
             bar.close()
-    return stats
+    return stats, info
+
+
+def default_cam_resolution(patch_size_level0: Any) -> float:
+    """Level-0 px per CAM pixel when ``--cam-resolution`` is not given: the patch's level-0 side
+    over :data:`CAM_PIXELS_PER_PATCH` (8 CAM pixels per patch side), rounded, at least 1."""
+    side = float(np.max(np.asarray(patch_size_level0, dtype=np.float64)))
+    return float(max(1, round(side / CAM_PIXELS_PER_PATCH)))
+
+
+def _gradcam_parts(heat: Any, grid: Any, settings: PredictSettings) -> tuple[Any, Any]:
+    """The CAM stitcher on the heatmap store and the engine's ``explain`` factory."""
+    from histotile.explain import CamStitcher, _cam_target
+
+    card = settings.model.card
+    target = _cam_target(settings.cam_class, card.class_names)
+    resolution = settings.cam_resolution or default_cam_resolution(grid.patch_size_level0)
+    label = "predicted class" if target == "predicted" else card.class_names[int(target)]
+    stitcher = CamStitcher.from_grid(
+        heat, grid, resolution, class_name=f"Grad-CAM ({label})",
+        attrs={"cam_class": settings.cam_class, "cam_layer": settings.cam_layer or "default"})
+    return stitcher, functools.partial(_make_cam, settings=settings, target=target)
+
+
+def _make_cam(loaded: Any, settings: PredictSettings, target: str | int) -> Any:
+    """``x -> (raw maps at the layer's grid, probs)`` for a loaded model (a GradCAM pass)."""
+    from histotile.explain import GradCAM, resolve_layer
+
+    layer = resolve_layer(loaded.module, settings.cam_layer,
+                          loaded.card.architecture["name"])
+    cam = GradCAM(loaded.module, layer)
+    return functools.partial(cam, target=target, normalise="none", size=0)
+
+
+def _drop_cam_scratch(stitcher: Any) -> None:
+    scratch = getattr(stitcher, "_scratch", None)
+    if scratch is not None:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _extra_outputs(tmp_dir: Path, tissue: Any, settings: PredictSettings, seed: str,
+                   stitcher: Any, geo: Any) -> dict[str, Any]:
+    """Files made from the closed store/CSV (Grad-CAM overlay, merged classes, OME-TIFF) and
+    their run.json info."""
+    card = settings.model.card
+    info: dict[str, Any] = {"qupath": {
+        "tiles": geo.path.name, "object_type": settings.qupath_object_type,
+        "min_prob": settings.qupath_min_prob, "tiles_written": geo.count,
+        "tiles_dropped": geo.dropped, "merged": settings.qupath_merge}}
+    if stitcher is not None:
+        from histotile.explain import write_gradcam_overlay_from_store
+
+        write_gradcam_overlay_from_store(tmp_dir / "gradcam_overlay.png",
+                                         tmp_dir / "heatmap.ome.zarr", tissue.thumbnail,
+                                         tissue.downsample)
+        info["gradcam"] = {
+            "method": "gradcam", "cam_class": settings.cam_class,
+            "layer": settings.cam_layer or "default", "cam_resolution_asked":
+            settings.cam_resolution, "cam_resolution_level0": stitcher.resolution,
+            "block": stitcher.block, "cam_scale": stitcher.cam_scale,
+            "raw_max": stitcher.max_value, "image": "heatmap.ome.zarr/gradcam"}
+    if settings.qupath_merge:
+        from histotile.export.qupath import write_merged
+
+        write_merged(tmp_dir, card.class_names, [list(c) for c in card.class_colors],
+                     gzip=not settings.geojson_plain, id_seed=seed)
+    if settings.ome_tiff:
+        from histotile.export.ome_tiff import export_ome_tiff
+
+        export_ome_tiff(tmp_dir)
+    return info
 
 
 def _pictures(tmp_dir: Path, tissue: Any, grid: Any, labels: np.ndarray,
@@ -380,6 +495,9 @@ def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dic
 
     timer = StageTimer()
     card = settings.model.card
+    if settings.gradcam:
+        log.warning("%s: --gradcam makes slide-level maps only; for patch archives use "
+                    "histotile explain", item.name)
     with open_archive(item, split=settings.split) as archive:
         if archive.patch_size != card.patch_size:
             raise ModelError(
@@ -513,7 +631,9 @@ def make_predict_process(options: dict[str, Any]) -> Any:
 
 
 def _validate(batch_size: int, workers: int | None, min_tissue: float, overlap: float,
-              stain_norm: str) -> None:
+              stain_norm: str, qupath_object_type: str = "tile",
+              qupath_min_prob: float | None = None, cam_resolution: float | None = None
+              ) -> None:
     if batch_size < 1:
         raise InvalidArgumentError(f"batch size {batch_size} is not positive",
                                    "use e.g. --batch-size 256", subject="--batch-size")
@@ -529,6 +649,36 @@ def _validate(batch_size: int, workers: int | None, min_tissue: float, overlap: 
         raise InvalidArgumentError(f"unknown stain normalisation {stain_norm!r}",
                                    f"use one of {', '.join(STAIN_METHODS)}",
                                    subject="--stain-norm")
+    if qupath_object_type not in QUPATH_OBJECT_TYPES:
+        raise InvalidArgumentError(f"unknown QuPath object type {qupath_object_type!r}",
+                                   f"use one of {', '.join(QUPATH_OBJECT_TYPES)}",
+                                   subject="--qupath-object-type")
+    if qupath_min_prob is not None and not 0.0 <= qupath_min_prob <= 1.0:
+        raise InvalidArgumentError(f"minimum probability {qupath_min_prob} is outside [0, 1]",
+                                   "use e.g. --qupath-min-prob 0.5", subject="--qupath-min-prob")
+    if cam_resolution is not None and not cam_resolution > 0:
+        raise InvalidArgumentError(f"CAM resolution {cam_resolution} is not positive",
+                                   "use level-0 px per CAM pixel, e.g. --cam-resolution 16",
+                                   subject="--cam-resolution")
+
+
+def _check_gradcam(model: LazyModel, cam_class: str) -> None:
+    """Up front, from the card: a known class and an eager (not TorchScript) model."""
+    from histotile.explain import _cam_target
+
+    card = model.card
+    try:
+        _cam_target(cam_class, card.class_names)
+    except InvalidArgumentError as exc:
+        exc.subject = exc.subject or "--cam-class"
+        raise
+    fmt = card.weights.get("format") or (
+        "safetensors" if str(card.weights.get("file", "")).endswith(".safetensors")
+        else "torchscript")
+    if fmt == "torchscript":
+        raise ModelError("Grad-CAM needs an eager PyTorch model, not TorchScript",
+                         "use a model folder with safetensors weights, or drop --gradcam",
+                         subject=card.name)
 
 
 def predict(
@@ -553,6 +703,15 @@ def predict(
     progress: bool = True,
     on_error: Any = "report",
     command: str | None = None,
+    gradcam: bool = False,
+    cam_class: str = "predicted",
+    cam_layer: str | None = None,
+    cam_resolution: float | None = None,
+    geojson_plain: bool = False,
+    qupath_object_type: str = "tile",
+    qupath_min_prob: float | None = None,
+    qupath_merge: bool = False,
+    ome_tiff: bool = False,
 ) -> BatchSummary:
     """Predict every slide/archive in ``inputs`` into ``out_dir/<stem>/``.
 
@@ -562,10 +721,16 @@ def predict(
     with the same settings are skipped unless ``overwrite``. One failing item does not stop
     the others: see the returned summary (``.failed``, ``.exit_code``, ``.manifest``).
     ``executor``: ``serial`` (this process), ``local`` or ``dask-jobqueue`` (``jobs`` workers).
+    ``gradcam``/``cam_*``: Grad-CAM maps of ``cam_class`` (``predicted`` or a class name) at
+    ``cam_layer`` (default: the architecture's last conv block), ``cam_resolution`` level-0 px
+    per CAM pixel (default ``patch_size_level0 / 8``). ``geojson_plain``,
+    ``qupath_object_type`` (tile|detection), ``qupath_min_prob``, ``qupath_merge``: the QuPath
+    export; ``ome_tiff``: also ``heatmap.ome.tif``.
     """
     from histotile.batch import expand_inputs, resolve_shard, run_items
 
-    _validate(batch_size, workers, min_tissue, overlap, stain_norm)
+    _validate(batch_size, workers, min_tissue, overlap, stain_norm, qupath_object_type,
+              qupath_min_prob, cam_resolution)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     items = expand_inputs(inputs)
@@ -579,10 +744,16 @@ def predict(
         "stain_norm": stain_norm, "min_tissue": min_tissue, "overlap": overlap,
         "split": split, "backend": backend, "progress": progress,
         "command": command if command is not None else _library_command(inputs, out_dir, model),
+        "gradcam": gradcam, "cam_class": cam_class, "cam_layer": cam_layer,
+        "cam_resolution": cam_resolution, "geojson_plain": geojson_plain,
+        "qupath_object_type": qupath_object_type, "qupath_min_prob": qupath_min_prob,
+        "qupath_merge": qupath_merge, "ome_tiff": ome_tiff,
     }
-    fingerprint = PredictSettings(model=LazyModel(model, device),
-                                  **{k: v for k, v in options.items() if k != "model"}
-                                  ).fingerprint()
+    lazy = LazyModel(model, device)
+    if gradcam:
+        _check_gradcam(lazy, cam_class)
+    fingerprint = PredictSettings(model=lazy, **{k: v for k, v in options.items()
+                                                 if k != "model"}).fingerprint()
     if isinstance(shard, str) or shard is None:
         shard = resolve_shard(shard)
     return run_items(items, out_dir, functools.partial(make_predict_process, options),

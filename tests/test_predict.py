@@ -419,3 +419,15 @@ def test_unavailable_device_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     lines = _error_lines(err)
     assert len(lines) == 1 and "CUDA" in lines[0]
     assert not (tmp_path / "pathmnist_train_first1000").exists()
+
+
+@pytest.mark.slow  # a dask LocalCluster start and stop: ~25 s on 2 busy cores
+def test_quiet_local_executor_prints_no_dask_info(tmp_path: Path, model28: Path) -> None:
+    """``-q --executor local``: no INFO lines from dask's scheduler/nanny/workers."""
+    proc = subprocess.run([sys.executable, "-m", "histotile", "-q", "predict",
+                           str(real_data(PATHMNIST)), "--split", "train", "-o", str(tmp_path),
+                           "--model", str(model28), "--executor", "local", "--jobs", "1"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO" not in proc.stderr and "Scheduler" not in proc.stderr, proc.stderr
+    assert (tmp_path / "pathmnist_train_first1000" / "predictions.csv").is_file()

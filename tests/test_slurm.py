@@ -1,8 +1,9 @@
 """Against a real single-node SLURM (started by .ci/slurm-up; .ci/run sets HISTOTILE_SLURM=1).
 
-An array job over a folder of real slides (copies of CMU-1-Small-Region.svs) plus one GENERATED
-corrupt slide; then a resubmission (nothing recomputed); then the dask-jobqueue executor on the
-same SLURM. Skips with the reason when SLURM is not running here.
+``histotile predict`` (bundled default model, CPU) as an array job over a folder of real slides
+(copies of CMU-1-Small-Region.svs) plus one GENERATED corrupt slide; then a resubmission (nothing
+recomputed); then predict's own per-slide process on the dask-jobqueue executor on the same
+SLURM. Skips with the reason when SLURM is not running here.
 """
 
 from __future__ import annotations
@@ -18,16 +19,12 @@ import pytest
 from conftest import real_data
 
 from histotile import hpc
-from histotile.batch import expand_inputs, make_probe_process
+from histotile.predict import predict
 
-# The per-shard job. To run `histotile predict` itself (once its default zoo model is bundled),
-# replace these three lines with:
-#     JOB_COMMAND = f"{sys.executable} -m histotile predict"
-#     JOB_ARGS: list[str] = ["--device", "cpu"]
-#     EXPECTED_FILE = "predictions.csv"
-JOB_COMMAND = f"{sys.executable} -m histotile.batch probe"
-JOB_ARGS: list[str] = []
-EXPECTED_FILE = "thumbnail.png"
+# The per-shard job: `histotile predict` itself (the bundled default model, on the CPU).
+JOB_COMMAND = f"{sys.executable} -m histotile predict"
+JOB_ARGS: list[str] = ["--device", "cpu"]
+EXPECTED_FILE = "predictions.csv"
 
 SLIDES = ["case-01.svs", "case-02.svs", "case-03.svs", "case-04.svs"]
 CORRUPT = "case-00-corrupt.svs"
@@ -100,15 +97,18 @@ def test_array_job_real_slurm(slides: Path, tmp_path: Path) -> None:
 
 
 def test_dask_jobqueue_on_real_slurm(slides: Path, tmp_path: Path) -> None:
+    """predict's own per-slide process (histotile.predict.make_predict_process) on dask workers
+    that are SLURM batch jobs."""
     out = tmp_path / "dask"
-    items = expand_inputs([str(slides)])
-    summary = hpc.run_with_dask(items, out, make_probe_process, {"job": "probe"},
-                                executor="dask-jobqueue", cluster="slurm", jobs=2,
-                                memory="1GB", walltime="00:10:00", progress=False)
+    summary = predict(slides, out, device="cpu", executor="dask-jobqueue", cluster="slurm",
+                      jobs=2, cluster_kwargs={"memory": "2GB", "walltime": "00:10:00"},
+                      progress=False)
     by_name = {Path(r.slide).name: r.status for r in summary.results}
     assert by_name == {**dict.fromkeys(SLIDES, "done"), CORRUPT: "failed"}
     for name in SLIDES:
-        assert (out / name.removesuffix(".svs") / "run.json").is_file()
+        run = json.loads((out / name.removesuffix(".svs") / "run.json").read_text())
+        assert run["status"] == "done" and run["kind"] == "slide" and run["patches"] > 0
+        assert (out / name.removesuffix(".svs") / EXPECTED_FILE).is_file()
     # the workers were SLURM batch jobs: sbatch wrote their logs where we asked
     job_logs = list((out / "logs" / "dask").glob("histotile-dask-*.err"))
     assert any("Start worker at" in p.read_text() for p in job_logs), job_logs

@@ -6,6 +6,7 @@ batch of the first slide is ready.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 
@@ -39,16 +40,41 @@ from histotile.cli.common import backend_option, debug_flag, quiet_flag, slide_m
 @click.option("--split", default="test", show_default=True,
               type=click.Choice(["train", "val", "test"]), help="Split of MedMNIST .npz inputs.")
 @backend_option
+@click.option("--gradcam", is_flag=True,
+              help="Also stitch Grad-CAM maps: a 'gradcam' image in heatmap.ome.zarr, "
+                   "gradcam_overlay.png and a gradcam_mean per tile (eager models only).")
+@click.option("--cam-class", default="predicted", show_default=True, metavar="predicted|CLASS",
+              help="Class whose Grad-CAM is drawn: each patch's argmax, or one class name.")
+@click.option("--cam-layer", default=None, metavar="NAME",
+              help="Module path of the layer to hook [default: the architecture's last conv "
+                   "block].")
+@click.option("--cam-resolution", default=None, type=click.FloatRange(min=0, min_open=True),
+              metavar="PX", help="Level-0 px per Grad-CAM pixel [default: patch size in level-0 "
+                                 "px / 8, i.e. 8 x 8 CAM pixels per patch].")
+@click.option("--geojson-plain", is_flag=True,
+              help="Write tiles.geojson (uncompressed) instead of tiles.geojson.gz.")
+@click.option("--qupath-object-type", default="tile", show_default=True,
+              type=click.Choice(["tile", "detection"]), help="QuPath object type of the tiles.")
+@click.option("--qupath-min-prob", default=None, type=click.FloatRange(0, 1), metavar="F",
+              help="Leave out of the GeoJSON tiles whose top probability is below F.")
+@click.option("--qupath-merge", is_flag=True,
+              help="Also write classes.geojson.gz: one dissolved annotation per class.")
+@click.option("--ome-tiff", is_flag=True,
+              help="Also write heatmap.ome.tif (pyramidal OME-TIFF, argmax colours).")
 @batch_options
 @click.pass_context
 def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: str | None,
             device: str, batch_size: int, workers: int | None, slide_mpp: float | None,
             stain_norm: str, min_tissue: float, overlap: float, split: str, backend: str,
-            **batch: object) -> None:
+            gradcam: bool, cam_class: str, cam_layer: str | None, cam_resolution: float | None,
+            geojson_plain: bool, qupath_object_type: str, qupath_min_prob: float | None,
+            qupath_merge: bool, ome_tiff: bool, **batch: object) -> None:
     """Run a patch classifier over slides, folders of slides or patch archives.
 
     Per slide OUT_DIR/<stem>/ gets heatmap.ome.zarr, predictions.csv, tiles.geojson.gz,
-    overlay.png, tissue.png and run.json (written last; finished slides are skipped).
+    overlay.png, tissue.png and run.json (written last; finished slides are skipped);
+    --gradcam adds gradcam_overlay.png, --qupath-merge classes.geojson.gz, --ome-tiff
+    heatmap.ome.tif. Changing any of these options recomputes finished slides.
     PCam .h5 and MedMNIST .npz archives get predictions.csv and, with labels, the accuracy.
     """
     from histotile.cli.batch_options import pop_batch_options
@@ -56,17 +82,36 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
     from histotile.predict import predict as run_predict
 
     quiet, debug = quiet_flag(ctx), debug_flag(ctx)
+    batch_opts = pop_batch_options(batch)
+    if quiet:
+        quiet_dask(batch_opts["executor"])
     summary = run_predict(
         list(inputs), out_dir=out_dir, model=model, device=device, batch_size=batch_size,
         workers=workers, slide_mpp=slide_mpp, stain_norm=stain_norm, min_tissue=min_tissue,
-        overlap=overlap, split=split, backend=backend, **pop_batch_options(batch),
+        overlap=overlap, split=split, backend=backend, **batch_opts,
         progress=not quiet, on_error="raise" if debug else _print_failure,
         command=" ".join(shlex.quote(a) for a in ["histotile", *sys.argv[1:]]),
+        gradcam=gradcam, cam_class=cam_class, cam_layer=cam_layer, cam_resolution=cam_resolution,
+        geojson_plain=geojson_plain, qupath_object_type=qupath_object_type,
+        qupath_min_prob=qupath_min_prob, qupath_merge=qupath_merge, ome_tiff=ome_tiff,
     )
     for line in accuracy_lines(summary):
         click.echo(line)
     if summary.failed:
         sys.exit(1)  # (ctx.exit's code is lost under standalone_mode=False)
+
+
+def quiet_dask(executor: str) -> None:
+    """-q with a dask executor: dask's own INFO lines (scheduler, nanny, worker start and stop)
+    are not printed. ``distributed`` sets its loggers' levels when imported, so import it
+    first, then lower every ``distributed``/``dask`` logger to WARNING."""
+    if executor == "serial":
+        return
+    import distributed  # noqa: F401 - configures its loggers at import time
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "dask", "dask_jobqueue"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _print_failure(item, result) -> None:  # noqa: ANN001 - (Path, ItemResult)

@@ -1,6 +1,6 @@
 """``predictions.csv``: one row per patch, ``minx,miny,width,height`` (level-0 px),
-``prob_<class>``..., ``label`` (the argmax class name): WSInfer's columns plus the argmax.
-Streamed and atomic."""
+``prob_<class>``..., ``label`` (the argmax class name): WSInfer's columns plus the argmax; optional
+extra measurement columns (e.g. ``gradcam_mean``) follow ``label``. Streamed and atomic."""
 
 from __future__ import annotations
 
@@ -26,20 +26,24 @@ class PredictionsCSVWriter:
     """Append batches of predictions to ``path`` (written as ``<path>.tmp``, renamed on close)."""
 
     def __init__(self, path: str | Path, class_names: Sequence[str],
-                 patch_size_level0: int | tuple[int, int] | None = None) -> None:
+                 patch_size_level0: int | tuple[int, int] | None = None,
+                 extra_columns: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.class_names = list(class_names)
         self.size = patch_size_level0
+        self.extra_columns = list(extra_columns)
         self._fh = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()
-        header = GEOMETRY_COLUMNS + prob_columns(self.class_names) + ["label"]
+        header = GEOMETRY_COLUMNS + prob_columns(self.class_names) + ["label"] \
+            + self.extra_columns
         self._fh.write(",".join(header) + "\n")
         self.rows = 0
 
     def write(self, coords: np.ndarray, probs: np.ndarray,
-              size: int | tuple[int, int] | np.ndarray | None = None) -> None:
+              size: int | tuple[int, int] | np.ndarray | None = None,
+              extra: dict[str, np.ndarray] | None = None) -> None:
         """``coords`` (n, 2) level-0 (x, y) top-left; ``probs`` (n, C); ``size`` per patch (or the
-        constructor's ``patch_size_level0``)."""
+        constructor's ``patch_size_level0``); ``extra`` one (n,) array per ``extra_columns``."""
         coords = np.asarray(coords).reshape(-1, 2)
         probs = np.asarray(probs, dtype=np.float64).reshape(len(coords), len(self.class_names))
         size = self.size if size is None else size
@@ -49,11 +53,15 @@ class PredictionsCSVWriter:
         wh = np.broadcast_to(np.asarray(size).reshape(-1, 2) if np.ndim(size) else
                              np.asarray([size, size]), (len(coords), 2))
         labels = np.asarray(self.class_names)[probs.argmax(axis=1)] if len(coords) else []
+        more = np.stack([np.asarray((extra or {})[k], np.float64).reshape(-1)
+                         for k in self.extra_columns], 1).tolist() if self.extra_columns \
+            else [[]] * len(coords)
         lines = []
-        for (x, y), (w, h), p, lab in zip(coords.tolist(), wh.tolist(), probs.tolist(), labels,
-                                          strict=True):
+        for (x, y), (w, h), p, lab, e in zip(coords.tolist(), wh.tolist(), probs.tolist(), labels,
+                                             more, strict=True):
             lines.append(f"{_num(x)},{_num(y)},{_num(w)},{_num(h)},"
-                         + ",".join(f"{v:.7g}" for v in p) + f",{lab}\n")
+                         + ",".join(f"{v:.7g}" for v in p) + f",{lab}"
+                         + "".join(f",{v:.7g}" for v in e) + "\n")
         self._fh.write("".join(lines))
         self.rows += len(coords)
 
@@ -94,11 +102,12 @@ class Predictions:
 
 
 def _header(path: Path, reader: Iterator[list[str]]) -> list[str]:
+    """Class names; columns after ``label`` (extra measurements) are ignored by the readers."""
     header = next(reader, None)
-    if not header or header[:4] != GEOMETRY_COLUMNS or header[-1] != "label":
+    if not header or header[:4] != GEOMETRY_COLUMNS or "label" not in header:
         raise InvalidArgumentError(f"{path} is not a histotile predictions.csv",
                                    "expected minx,miny,width,height,prob_<class>...,label")
-    return [h[len("prob_"):] for h in header[4:-1]]
+    return [h[len("prob_"):] for h in header[4:header.index("label")]]
 
 
 def iter_predictions_csv(path: str | Path, chunk_rows: int = 20000) -> Iterator[Predictions]:
@@ -123,8 +132,9 @@ def _block(names: list[str], rows: list[list[str]]) -> Predictions:
     geo = np.asarray([r[:4] for r in rows], dtype=np.float64)
     if np.all(geo == np.rint(geo)):
         geo = geo.astype(np.int64)
-    probs = np.asarray([r[4:-1] for r in rows], dtype=np.float64)
-    return Predictions(names, geo[:, :2], geo[:, 2:], probs, np.asarray([r[-1] for r in rows]))
+    end = 4 + len(names)  # the label column
+    probs = np.asarray([r[4:end] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
+    return Predictions(names, geo[:, :2], geo[:, 2:], probs, np.asarray([r[end] for r in rows]))
 
 
 def read_predictions_csv(path: str | Path) -> Predictions:
