@@ -1,0 +1,123 @@
+"""``histotile train`` and ``histotile evaluate``: thin wrappers over :mod:`histotile.train`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from histotile.cli.common import quiet_flag
+
+_ARCH_HELP = "Architecture: smallcnn, resnet18, resnet50 (or any registered name)."
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed; rebuilt from the parsed options when run in-process."""
+    argv0 = Path(sys.argv[0]) if sys.argv else Path()
+    if argv0.name == "histotile" or argv0.parts[-2:] == ("histotile", "__main__.py"):
+        return shlex.join(["histotile", *sys.argv[1:]])
+    words = ["histotile", ctx.info_name or "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif value is not None and value != param.default:
+            flag = max(param.opts, key=len)
+            if getattr(param, "is_flag", False):
+                words.append(flag if value else max(param.secondary_opts, key=len))
+            else:
+                words += [flag, str(value)]
+    return shlex.join(words)
+
+
+@click.command("train")
+@click.argument("dataset")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Model folder to write [default: ./histotile-model-DATASET].")
+@click.option("--arch", default="smallcnn", show_default=True, help=_ARCH_HELP)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default="adam",
+              show_default=True, help="adam: the MedMNIST v2 recipe; adamw: weight decay 0.05.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where pathmnist*.npz / the PCam .h5 files are (or go with --download).")
+@click.option("--download", is_flag=True, help="Fetch PathMNIST / PCam from Zenodo (md5-checked).")
+@click.option("--size", type=int, default=None, help="Patch size (PathMNIST: 28, 64, 128, 224).")
+@click.option("--stain-norm", type=click.Choice(["none", "macenko"]), default="none",
+              show_default=True, help="Macenko-normalise every patch (recorded in the card).")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Flips, 90° rotations, light HED stain jitter.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from MODEL_DIR/checkpoint.pt.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Stratified hold-out when the data has no validation split.")
+@click.option("--cv", type=click.IntRange(min=0), default=0,
+              help="Also report k-fold cross-validated accuracy (k more trainings).")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Labels CSV for a 'histotile tile' archive (column label, optional index).")
+@click.option("--mpp", type=float, default=None, help="µm/px of the patches (image folders).")
+@click.option("--name", default=None, help="Model name in the card [default: folder name].")
+@click.option("--notes", default="", help="Free text for the card's notes.")
+@click.pass_context
+def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) -> None:
+    """Train a patch classifier on DATASET: pathmnist, pcam, a PCam-layout .h5, a Kaggle folder
+    (train/*.tif + train_labels.csv), an image folder (one sub-folder per class) or a tile archive
+    with --labels. Writes model.json, weights.safetensors, metrics and plots to the output folder.
+    """
+    from histotile.train import train as run_train
+
+    out = out_dir or Path(f"histotile-model-{Path(dataset).name}")
+    folder = run_train(dataset, out, command=_command_line(ctx), progress=not quiet_flag(ctx),
+                       **kw)  # type: ignore[arg-type]
+    card = json.loads((folder / "model.json").read_text())
+    val = card.get("metrics", {}).get("validation", {})
+    click.echo(f"wrote {folder} (validation accuracy {val.get('accuracy', float('nan')):.4f}, "
+               f"AUC {val.get('auc') or float('nan'):.4f})")
+
+
+@click.command("evaluate")
+@click.argument("model")
+@click.argument("dataset")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
+              show_default=True)
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Write metrics.json and plots here.")
+@click.option("--compare", default=None, help="Another model: paired McNemar / DeLong tests.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--download", is_flag=True, help="Fetch PathMNIST / PCam from Zenodo.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples for the 95% confidence intervals (0: none).")
+@click.pass_context
+def evaluate(ctx: click.Context, model: str, dataset: str, **kw: object) -> None:
+    """Evaluate MODEL (zoo name, folder or URL) on a DATASET split with clinical metrics."""
+    from histotile.train import evaluate as run_evaluate
+
+    m = run_evaluate(model, dataset, progress=not quiet_flag(ctx), **kw)  # type: ignore[arg-type]
+    ci = m.get("ci", {})
+    lines = [f"{m['model']} on {m['dataset']} ({m['split']}, n={m.get('n', '?')})"]
+    for key in ("accuracy", "balanced_accuracy", "auc"):
+        if m.get(key) is not None:
+            bounds = ci.get(key)
+            extra = f"  95% CI {bounds[0]:.4f}-{bounds[1]:.4f}" if bounds else ""
+            lines.append(f"  {key:<18} {m[key]:.4f}{extra}")
+    if "comparison" in m:
+        c = m["comparison"]
+        acc, auc, mc = c.get("accuracy", {}), c.get("auc", {}), c.get("mcnemar", {})
+        lines.append(f"  vs {c.get('other_model')}: accuracy {acc.get('b', float('nan')):.4f} "
+                     f"(difference {acc.get('difference', float('nan')):+.4f}, "
+                     f"{mc.get('test')} p={mc.get('p_value')}); AUC {auc.get('b')} "
+                     f"({auc.get('test')} p={auc.get('p_value')})")
+    click.echo("\n".join(lines))
