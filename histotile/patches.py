@@ -126,3 +126,28 @@ def iter_patch_batches(slide: Slide, grid: PatchGrid, batch_size: int,
             count -= batch_size
     if count:
         yield np.concatenate(pending_idx), np.concatenate(pending)
+
+
+def sample_patches(slide: Slide, grid: PatchGrid, n: int = 64, seed: int = 0) -> np.ndarray:
+    """A seeded sample of at most ``n`` grid patches, uint8 (k, P, P, 3) in grid order.
+
+    The stain fit of a slide is made on it (``predict`` and ``tile --stain-norm``). Patches
+    that lie close together are cut from one region read; scattered ones are read alone.
+    The pixels equal :func:`read_patch` either way.
+    """
+    k = min(int(n), len(grid))
+    size = grid.patch_size
+    out = np.empty((max(k, 0), size, size, 3), np.uint8)
+    if k <= 0:
+        return out
+    pick = np.sort(np.random.default_rng(seed).choice(len(grid), size=k, replace=False))
+    sub = grid.subset(pick)
+    area = grid.patch_size_level ** 2
+    for region in plan_regions(sub, slide):
+        if region.w * region.h <= 4 * len(region) * area:  # mostly patch pixels: one read
+            idx, patches = read_region_patches(slide, sub, region)
+            out[idx] = patches
+        else:
+            for i in region.idx:
+                out[i] = read_patch(slide, sub, int(i))
+    return out

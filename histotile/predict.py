@@ -35,7 +35,6 @@ import shlex
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histotile import __version__
+from histotile._callable import make_module_callable
 from histotile.errors import (
     CorruptSlideError,
     HistotileError,
@@ -791,12 +791,4 @@ __all__ = ["LazyModel", "PredictSettings", "accuracy_lines", "predict", "predict
            "predict_slide", "HistotileError"]
 
 
-class _CallableModule(types.ModuleType):
-    """After ``import histotile.predict`` the package attribute ``histotile.predict`` is this
-    module rather than the function; calling it calls :func:`predict`, so both spellings work."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> BatchSummary:
-        return predict(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, "predict")

@@ -154,6 +154,10 @@ class Slide:
         self.vendor = props.get(f"{backend}.vendor") or None
         self.objective_power = _float(props.get(f"{backend}.objective-power"))
         self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
+        self.ycbcr_fix = backend == "openslide" and _dicom_jpeg_labelled_rgb(path, props)
+        if self.ycbcr_fix:
+            log.info("%s: DICOM JPEG frames hold YCbCr but are labelled RGB; converting",
+                     self.path)
 
     # --- metadata -------------------------------------------------------------------------
     def _find_mpp(self, override: float | None) -> tuple[tuple[float, float] | None, str | None]:
@@ -265,6 +269,8 @@ class Slide:
 
     def _read_openslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
         img = self._h.read_region((int(loc[0]), int(loc[1])), level, size)
+        if self.ycbcr_fix:
+            img = _ycbcr_to_rgb(img)
         if img.getextrema()[3][0] == 255:  # opaque everywhere: drop alpha in C
             return np.asarray(img.convert("RGB"))
         return _composite_white(np.asarray(img))
@@ -328,8 +334,7 @@ class Slide:
                 pw, ph = math.ceil(bw / f) * f, math.ceil(bh / f) * f
                 tile = self.read_region((level_to_level0(x, ds), level_to_level0(y, ds)), level,
                                         (pw, ph))
-                red = tile.reshape(ph // f, f, pw // f, f, 3).mean(axis=(1, 3))
-                out[y // f:y // f + ph // f, x // f:x // f + pw // f] = np.rint(red)
+                out[y // f:y // f + ph // f, x // f:x // f + pw // f] = _box_reduce(tile, f)
         return out, f * ds
 
     def read_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
@@ -354,6 +359,106 @@ class Slide:
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, dims={self.dimensions}, "
                 f"mpp={self.mpp}, mpp_source={self.mpp_source!r})")
+
+
+# --- DICOM whose JPEG frames are YCbCr but labelled RGB -----------------------------------
+# Some converters (wsi2dcm, bfconvert) store ordinary YCbCr JPEG frames (JFIF, chroma
+# subsampled) with PhotometricInterpretation RGB. OpenSlide 4.0 follows the DICOM label and
+# returns the stored YCbCr samples as if they were RGB. The JPEG stream itself says what it
+# holds (libjpeg's rule: a JFIF marker or component ids 1, 2, 3 mean YCbCr; an Adobe marker's
+# transform flag decides; ids 'R', 'G', 'B' mean RGB), so a contradiction is detectable.
+_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}  # JPEG baseline/extended
+_OPENSLIDE_FOLLOWS_LABEL = ("4.0.",)  # library versions checked to return the stored YCbCr
+
+
+def _dicom_jpeg_labelled_rgb(path: Path, props: dict[str, Any]) -> bool:
+    """True when ``path`` is a DICOM whose JPEG frames are YCbCr but labelled RGB, read by an
+    OpenSlide version that follows the label."""
+    if props.get("openslide.vendor") != "dicom":
+        return False
+    if props.get("dicom.PhotometricInterpretation") != "RGB":
+        return False
+    if props.get("dicom.TransferSyntaxUID") not in _JPEG_SYNTAXES:
+        return False
+    import openslide
+
+    version = str(getattr(openslide, "__library_version__", ""))
+    if not version.startswith(_OPENSLIDE_FOLLOWS_LABEL):
+        log.debug("OpenSlide %s: DICOM colour-space handling not verified", version)
+        return False
+    header = _first_dicom_jpeg_header(path)
+    return header is not None and jpeg_header_is_ycbcr(header) is True
+
+
+def _first_dicom_jpeg_header(path: Path, limit: int = 1 << 24) -> bytes | None:
+    """The bytes of the first encapsulated frame (from its SOI) of a DICOM file, or None."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit)
+    except OSError:
+        return None
+    at = data.rfind(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")  # PixelData, encapsulated
+    if at < 0:
+        return None
+    pos, items = at + 12, 0
+    while pos + 8 <= len(data) and items < 2:  # item 0: offset table; item 1: frame 1
+        if data[pos:pos + 4] != b"\xfe\xff\x00\xe0":
+            return None
+        length = int.from_bytes(data[pos + 4:pos + 8], "little")
+        if items == 1:
+            return data[pos + 8:pos + 8 + length]
+        pos += 8 + length
+        items += 1
+    return None
+
+
+def jpeg_header_is_ycbcr(stream: bytes) -> bool | None:
+    """Whether a 3-component JPEG stream holds YCbCr, by libjpeg's rule (None: not decidable)."""
+    if stream[:2] != b"\xff\xd8":
+        return None
+    pos, jfif, adobe, ids = 2, False, None, None
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        length = int.from_bytes(stream[pos + 2:pos + 4], "big")
+        seg = stream[pos + 4:pos + 2 + length]
+        if marker == 0xE0 and seg[:5] == b"JFIF\x00":
+            jfif = True
+        elif marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
+            adobe = seg[11]
+        elif marker in (0xC0, 0xC1, 0xC2) and len(seg) >= 6:
+            ids = tuple(seg[6 + 3 * c] for c in range(seg[5]) if 6 + 3 * c < len(seg))
+        pos += 2 + length
+    if ids is None or len(ids) != 3:
+        return None
+    if jfif:
+        return True
+    if adobe is not None:
+        return adobe != 0
+    return ids != (82, 71, 66)  # 'R', 'G', 'B'
+
+
+def _ycbcr_to_rgb(img: Any) -> Any:
+    """An RGBA PIL image whose colour bands hold YCbCr, converted to RGBA (JFIF equations)."""
+    from PIL import Image
+
+    *bands, alpha = img.split()
+    rgb = Image.merge("YCbCr", bands).convert("RGB")
+    rgb.putalpha(alpha)
+    return rgb
+
+
+def _box_reduce(tile: np.ndarray, f: int) -> np.ndarray:
+    """Mean of ``f x f`` blocks of a uint8 (h, w, 3) tile, rounded (uint32 sums, no float64)."""
+    if f == 1:
+        return tile
+    h, w = tile.shape[0] // f, tile.shape[1] // f
+    sums = tile.reshape(h, f, w, f * 3).sum(axis=1, dtype=np.uint32)
+    sums = sums.reshape(h, w, f, 3).sum(axis=2, dtype=np.uint32)
+    mean = sums.astype(np.float32)
+    mean /= np.float32(f * f)
+    return np.rint(mean, out=mean).astype(np.uint8)
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -4,10 +4,16 @@ Per slide it writes ``<out>/<stem>.h5`` (dataset ``x`` (N, P, P, 3) uint8 chunke
 ``coords`` (N, 2) int64 level-0 top-left x, y, and the grid/slide metadata as attributes) and
 ``<out>/<stem>.tissue.png`` (thumbnail, tissue mask and the kept patch grid). Both are written
 under a temporary name and renamed when complete; patches are streamed batch by batch.
+
+With ``stain_norm="macenko"`` the slide's stains are fitted once on a seeded sample of its
+tissue patches (:func:`histotile.patches.sample_patches`, as ``predict`` does) and every patch
+is normalised to the reference with that fit; the method, reference and fit go into the
+archive's attributes (``stain_method``, ``stain_reference``, ``stain_fit`` as JSON).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,6 +30,8 @@ from histotile.errors import HistotileError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 DEFAULT_MPP = 0.972  # PatchCamelyon: 96 px at 10x
+STAIN_SAMPLE = 64  # tissue patches the per-slide stain fit is made on
+STAIN_SEED = 0
 BatchTransform = Callable[[np.ndarray], np.ndarray]
 
 
@@ -56,10 +64,12 @@ def tile_slide(
     overlap: float = 0.0, min_tissue: float = 0.5, limit: int | None = None,
     backend: str = "auto", tissue_method: str = "otsu", batch_size: int = 256,
     transform: BatchTransform | None = None, progress: bool = False,
-    extra_attrs: dict[str, Any] | None = None,
+    extra_attrs: dict[str, Any] | None = None, stain_norm: str = "none",
+    stain_target: str | Path | None = None,
 ) -> TileResult:
     """Tile one slide (see the module docstring). ``transform`` maps uint8 (B, P, P, 3) batches
-    (e.g. stain normalisation) before they are written; ``limit`` keeps the first N patches."""
+    before they are written (after the stain normalisation ``stain_norm`` "none"|"macenko",
+    to the reference fitted on ``stain_target`` or the default); ``limit`` keeps the first N."""
     from histotile.grid import make_grid
     from histotile.slide import open_slide
     from histotile.tissue import detect_tissue, overlay
@@ -68,6 +78,9 @@ def tile_slide(
         raise InvalidArgumentError(f"--limit {limit} is negative", "use 0 or more")
     if mpp is None and level is None:
         mpp = DEFAULT_MPP
+    from histotile.stain import make_normalizer
+
+    normalizer = make_normalizer(stain_norm, target_image=stain_target, channels_last=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = slide_stem(slide_path)
@@ -83,6 +96,7 @@ def tile_slide(
         if len(grid) == 0:
             log.warning("%s: no patch has tissue >= %.2f; writing an empty archive",
                         slide_path, min_tissue)
+        stain, stain_attrs = _stain_step(slide, grid, normalizer, stain_target)
         attrs = {
             "source_path": str(Path(slide_path).resolve()), "backend": slide.backend,
             "vendor": slide.vendor or "", "slide_mpp_x": slide.mpp[0] if slide.mpp else None,
@@ -91,14 +105,53 @@ def tile_slide(
             **grid.to_attrs(), "tissue_threshold": tissue.threshold,
             "tissue_mask_mpp": tissue.mpp, "tissue_fraction_slide": tissue.fraction,
             "histotile_version": __version__, "layout": "PatchCamelyon x (N,P,P,3) uint8",
-            **(extra_attrs or {}),
+            **stain_attrs, **(extra_attrs or {}),
         }
         attrs = {k: v for k, v in attrs.items() if v is not None}
         archive = out_dir / f"{stem}.h5"
-        _write_archive(archive, slide, grid, attrs, batch_size, transform, progress)
+        _write_archive(archive, slide, grid, attrs, batch_size, _chain(stain, transform),
+                       progress)
         png = out_dir / f"{stem}.tissue.png"
         _write_png(png, overlay(tissue, grid))
     return TileResult(str(slide_path), archive, png, len(grid), attrs)
+
+
+def _stain_step(slide: Any, grid: Any, normalizer: Any, target: str | Path | None
+                ) -> tuple[BatchTransform | None, dict[str, Any]]:
+    """Fit ``normalizer`` once on a sample of the slide's patches: (batch transform, attrs)."""
+    if normalizer is None:
+        return None, {"stain_method": "none"}
+    from histotile.errors import NoTissueError
+    from histotile.patches import sample_patches
+
+    attrs: dict[str, Any] = {
+        "stain_method": "macenko",
+        "stain_reference": json.dumps(normalizer.reference.to_dict()),
+        "stain_target": str(Path(target).resolve()) if target is not None else None,
+    }
+    sample = sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
+    try:
+        if len(sample) == 0:
+            raise NoTissueError("no tissue patch to fit the stains on", "")
+        fit = normalizer.fit(sample)
+    except NoTissueError as exc:
+        if len(grid):
+            log.warning("%s: stain fit failed (%s); patches are not stain-normalised",
+                        slide.path, exc.message)
+        return None, {**attrs, "stain_method": "none", "stain_requested": "macenko",
+                      "stain_fit_error": exc.message}
+    attrs["stain_fit"] = json.dumps({
+        "stain_matrix": fit.stain_matrix.double().cpu().tolist(),
+        "max_concentrations": fit.max_concentrations.double().cpu().tolist(),
+        "n_pixels": int(fit.n_pixels), "sample_patches": int(len(sample)), "seed": STAIN_SEED})
+    return (lambda batch: normalizer.normalize(batch, fit)), attrs
+
+
+def _chain(first: BatchTransform | None, second: BatchTransform | None
+           ) -> BatchTransform | None:
+    if first is None or second is None:
+        return first or second
+    return lambda batch: second(first(batch))
 
 
 def _region_order(grid: Any, slide: Any) -> np.ndarray:

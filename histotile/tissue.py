@@ -3,6 +3,9 @@
 ``otsu`` thresholds the HSV saturation (stained tissue is coloured, glass is grey/white) after a
 median blur; ``otsu-gray`` thresholds darkness instead (for unstained or fluorescence-like
 pictures). Thresholds are clamped so a blank slide gives an empty mask rather than noise.
+Memory is a few bytes per mask pixel: the channel is computed in uint8 row blocks, blurred and
+thresholded in uint8 (Otsu on its 256-bin histogram), morphology works on bool and labels
+in uint16.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MAX_GRAY = 220.0  # for otsu-gray: brighter than this is never tissue
 CLOSING_UM = 16.0
 MIN_OBJECT_UM2 = 10_000.0  # 0.01 mm^2
 MIN_HOLE_UM2 = 10_000.0
+READ_BLOCK = 1024  # thumbnail read in blocks of this many level pixels (bounded memory)
 _DEFAULT_PX = {"closing": 2, "object": 64, "hole": 64}  # when the picture has no mpp
 
 
@@ -48,30 +52,61 @@ class TissueMask:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
 
+def _channel_u8(rgb: np.ndarray, method: str, rows: int = 256) -> np.ndarray:
+    """The thresholded channel as uint8, computed in blocks of ``rows`` (bounded temporaries).
+
+    ``otsu``: HSV saturation ``(max - min) / max`` scaled to 0..255; ``otsu-gray``: the mean
+    of R, G, B. Both rounded to the nearest integer.
+    """
+    out = np.empty(rgb.shape[:2], np.uint8)
+    for y in range(0, rgb.shape[0], rows):
+        block = rgb[y:y + rows]
+        if method == "otsu":
+            hi, lo = block.max(axis=2), block.min(axis=2)
+            value = (hi - lo).astype(np.float32) * np.float32(255.0)
+            value /= np.maximum(hi, 1).astype(np.float32)
+        else:
+            value = block.sum(axis=2, dtype=np.uint16).astype(np.float32) / np.float32(3.0)
+        np.rint(value, out=value)
+        out[y:y + rows] = value
+    return out
+
+
 def _median(channel: np.ndarray, size: int) -> np.ndarray:
     from scipy.ndimage import median_filter
 
     return median_filter(channel, size=size, mode="nearest") if size > 1 else channel
 
 
-def _threshold(rgb: np.ndarray, method: str, median_size: int) -> tuple[np.ndarray, float]:
+def _otsu_u8(values: np.ndarray) -> float:
+    """Otsu threshold of a uint8 picture from its 256-bin histogram (no float copy of it).
+
+    Half-way between the classes (``upper bin + 0.5``); a constant picture gives its value.
+    """
     from skimage.filters import threshold_otsu
 
+    flat = values.ravel()
+    counts = np.zeros(256, np.int64)
+    for start in range(0, flat.size, 1 << 18):  # bincount casts to int64: do it in chunks
+        counts += np.bincount(flat[start:start + (1 << 18)], minlength=256)
+    present = np.flatnonzero(counts)
+    if present.size == 0:
+        return 0.0
+    lo, hi = int(present[0]), int(present[-1])
+    if lo == hi:
+        return float(hi)
+    return float(threshold_otsu(hist=(counts[lo:hi + 1], np.arange(lo, hi + 1)))) + 0.5
+
+
+def _threshold(rgb: np.ndarray, method: str, median_size: int) -> tuple[np.ndarray, float]:
+    """Mask and threshold (saturation in 0..1, or grey level in 0..255)."""
+    value = _median(_channel_u8(rgb, method), median_size)
+    thr = _otsu_u8(value)
     if method == "otsu":
-        from skimage.color import rgb2hsv
-
-        value = _median(rgb2hsv(rgb)[..., 1].astype(np.float32), median_size)
-        thr = max(_otsu(value, threshold_otsu), MIN_SATURATION)
-        return value > thr, thr
-    gray = _median(rgb.astype(np.float32).mean(axis=2), median_size)
-    thr = min(_otsu(gray, threshold_otsu), MAX_GRAY)
-    return gray < thr, thr
-
-
-def _otsu(values: np.ndarray, threshold_otsu) -> float:  # noqa: ANN001
-    if values.size == 0 or float(values.max() - values.min()) < 1e-6:
-        return float(values.max()) if values.size else 0.0
-    return float(threshold_otsu(values))
+        thr = max(thr, MIN_SATURATION * 255.0)
+        return value > thr, thr / 255.0
+    thr = min(thr, MAX_GRAY)
+    return value < thr, thr
 
 
 def tissue_mask_rgb(rgb: np.ndarray, mpp: float | None = None, method: str = "otsu",
@@ -89,7 +124,9 @@ def _mask(rgb: np.ndarray, mpp: float | None, method: str, median_size: int, clo
     if method not in METHODS:
         raise InvalidArgumentError(f"unknown tissue method {method!r}",
                                    f"use one of {', '.join(METHODS)}")
-    rgb = np.asarray(rgb)[..., :3].astype(np.uint8)
+    rgb = np.asarray(rgb)[..., :3]
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.uint8)
     mask, thr = _threshold(rgb, method, median_size)
     if mpp:
         radius = int(round(closing_um / mpp))
@@ -101,24 +138,42 @@ def _mask(rgb: np.ndarray, mpp: float | None, method: str, median_size: int, clo
         from scipy.ndimage import binary_closing
 
         padded = np.pad(mask, radius, mode="edge")
-        mask = binary_closing(padded, morphology.disk(radius).astype(bool))[radius:-radius,
-                                                                            radius:-radius]
+        del mask
+        closed = binary_closing(padded, morphology.disk(radius).astype(bool))
+        del padded
+        mask = closed[radius:-radius, radius:-radius].copy()
+        del closed
     mask = _drop_small(mask, min_obj)
-    mask = ~_drop_small(~mask, min_hole)  # fill small holes
-    return mask.astype(bool), float(thr)
+    np.invert(mask, out=mask)
+    mask = _drop_small(mask, min_hole)  # holes are the small components of the background
+    return np.invert(mask, out=mask), float(thr)
 
 
 def _drop_small(mask: np.ndarray, max_size: int) -> np.ndarray:
     """``mask`` without 8-connected components of at most ``max_size`` pixels."""
-    from scipy.ndimage import label
-
     if max_size < 1 or not mask.any():
         return mask
-    labels, _ = label(mask, structure=np.ones((3, 3), bool))
-    sizes = np.bincount(labels.ravel())
-    small = sizes <= max_size
-    small[0] = False
-    return mask & ~small[labels]
+    labels, count = _label(mask)
+    sizes = np.zeros(count + 1, np.int64)
+    flat = labels.ravel()
+    for start in range(0, flat.size, 1 << 18):  # bincount casts to int64: do it in chunks
+        sizes += np.bincount(flat[start:start + (1 << 18)], minlength=count + 1)
+    keep = sizes > max_size
+    keep[0] = False
+    return keep[labels]
+
+
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected labels, in uint16 (2 bytes/px) unless there are more than 65535 components."""
+    from scipy.ndimage import label
+
+    structure = np.ones((3, 3), bool)
+    try:
+        labels = np.empty(mask.shape, np.uint16)
+        return labels, int(label(mask, structure, output=labels))
+    except RuntimeError:  # too many components for uint16
+        labels = np.empty(mask.shape, np.int32)
+        return labels, int(label(mask, structure, output=labels))
 
 
 def detect_tissue(slide: Slide, method: str = "otsu", mask_mpp: float = MASK_MPP,
@@ -131,10 +186,10 @@ def detect_tissue(slide: Slide, method: str = "otsu", mask_mpp: float = MASK_MPP
     """
     if slide.mpp is not None:
         slide_mpp = slide.require_mpp()
-        thumb, ds = slide.read_downsampled(mask_mpp / slide_mpp)
+        thumb, ds = slide.read_downsampled(mask_mpp / slide_mpp, block=READ_BLOCK)
         mpp: float | None = ds * slide_mpp
     else:
-        thumb, ds = slide.read_downsampled(16.0)
+        thumb, ds = slide.read_downsampled(16.0, block=READ_BLOCK)
         mpp = None
     mask, thr = _mask(thumb, mpp, method, median_size, closing_um, min_object_um2, min_hole_um2)
     if not mask.any():
@@ -149,9 +204,12 @@ def overlay(tissue: TissueMask, grid: PatchGrid | None = None, min_side: int = 1
 
     thumb, mask = tissue.thumbnail, tissue.mask
     scale = max(1, int(np.ceil(min_side / max(thumb.shape[:2]))))
-    tinted = thumb.astype(np.float32)
-    tinted[mask] = 0.65 * tinted[mask] + 0.35 * np.array([0, 200, 0], np.float32)
-    img = Image.fromarray(np.rint(tinted).astype(np.uint8))
+    tinted = thumb.copy()
+    green = 0.35 * np.array([0, 200, 0], np.float32)
+    for y in range(0, tinted.shape[0], 256):  # row blocks: no float copy of the thumbnail
+        rows, inside = tinted[y:y + 256], mask[y:y + 256]
+        rows[inside] = np.rint(0.65 * rows[inside].astype(np.float32) + green)
+    img = Image.fromarray(tinted)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     edge = _outline(mask)

@@ -115,17 +115,36 @@ def test_backends_give_identical_pixels(name):
 
 
 def test_dicom_matches_svs_geometry_and_pixels(cmu_small, dicom_dir):
-    """DICOM is OpenSlide-only. This wsi2dcm file labels YCbCr JPEG frames as RGB, and
-    OpenSlide 4.0 honours the label, so its output is the stored YCbCr: converted, it matches
-    the SVS up to JPEG re-encoding error."""
+    """DICOM is OpenSlide-only. This wsi2dcm file labels YCbCr JPEG frames (JFIF, 4:2:0) as
+    RGB and OpenSlide 4.0 honours the label; the JPEG header gives it away and the slide
+    converts, so the pixels match the SVS up to JPEG re-encoding error."""
+    from histotile.tissue import detect_tissue
+
     with open_slide(cmu_small) as svs, open_slide(dicom_dir) as dcm:
         assert dcm.dimensions == svs.dimensions and dcm.mpp == svs.mpp
+        assert dcm.ycbcr_fix and not svs.ycbcr_fix
         a = svs.read_region((0, 0), 0, svs.dimensions).astype(np.int16)
-        raw = dcm.read_region((0, 0), 0, svs.dimensions)
-    if dcm.properties.get("dicom.PhotometricInterpretation") == "RGB":
-        raw = np.asarray(Image.fromarray(raw, "YCbCr").convert("RGB"))
-    diff = np.abs(a - raw.astype(np.int16))
+        b = dcm.read_region((0, 0), 0, svs.dimensions).astype(np.int16)
+        assert (dcm.read_region((-64, -64), 0, (32, 32)) == 255).all()  # outside stays white
+        t_svs, t_dcm = detect_tissue(svs), detect_tissue(dcm)
+    diff = np.abs(a - b)
     assert diff.mean() < 6 and np.percentile(diff, 99) < 40
+    assert abs(t_svs.fraction - t_dcm.fraction) < 0.03
+
+
+def test_jpeg_colour_space_rule():
+    import io
+
+    from histotile.slide import jpeg_header_is_ycbcr
+
+    rgb = (np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)  # generated
+    def encoded(**kw):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "JPEG", **kw)
+        return buf.getvalue()
+    assert jpeg_header_is_ycbcr(encoded()) is True  # JFIF, YCbCr
+    assert jpeg_header_is_ycbcr(encoded(keep_rgb=True)) is False  # Adobe marker, no transform
+    assert jpeg_header_is_ycbcr(b"not a jpeg") is None
 
 
 def test_level_coordinates_round_trip(boxes):
@@ -192,3 +211,19 @@ def test_bad_inputs(tmp_path, cmu_small):
         open_slide(cmu_small, backend="bioformats")
     with open_slide(cmu_small) as s, pytest.raises(InvalidArgumentError):
         s.read_region((0, 0), 5, (10, 10))
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+def test_info_on_truncated_svs_prints_one_error_line(tmp_path, cmu_small, args):
+    import subprocess
+    import sys
+
+    half = tmp_path / "generated-half.svs"  # generated: the real SVS cut to half its bytes
+    data = cmu_small.read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    run = subprocess.run([sys.executable, "-m", "histotile", *args, str(half)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith(f"error: {half}") and "corrupt" in lines[0]

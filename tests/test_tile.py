@@ -165,3 +165,76 @@ def test_library_tile_multi_slide(cmu_small, tmp_path):
     assert (tmp_path / "o" / "CMU-1-Small-Region.h5").exists()
     results = histotile.tile(cmu_small, tmp_path / "o2", patch_size=28, mpp=0.5, limit=3)
     assert [r.n_patches for r in results] == [3]
+
+
+def test_sample_patches_is_seeded_and_equals_direct_reads(cmu_small):
+    from histotile.patches import sample_patches
+
+    with open_slide(cmu_small) as s:
+        grid = make_grid(s, 28, target_mpp=0.5)  # dense: many picks share a region read
+        a = sample_patches(s, grid, n=64, seed=1)
+        assert a.dtype == np.uint8 and a.shape == (64, 28, 28, 3)
+        np.testing.assert_array_equal(a, sample_patches(s, grid, n=64, seed=1))
+        assert not np.array_equal(a, sample_patches(s, grid, n=64, seed=2))
+        pick = np.sort(np.random.default_rng(1).choice(len(grid), size=64, replace=False))
+        for k, i in enumerate(pick):
+            np.testing.assert_array_equal(a[k], _direct(s, grid, int(i)))
+        small = grid.subset(slice(0, 5))
+        assert sample_patches(s, small, n=64).shape == (5, 28, 28, 3)  # fewer than n: all
+        assert sample_patches(s, grid.subset(slice(0, 0))).shape == (0, 28, 28, 3)
+
+
+def test_tile_stain_norm_macenko_cmu(cmu_small, tmp_path):
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from histotile.cli import cli
+    from histotile.stain import StainFit, make_normalizer
+
+    raw = tile_slide(cmu_small, tmp_path / "raw", limit=40)
+    target = real_data("images/he-target-torchstain.png")
+    res = CliRunner().invoke(cli, ["--quiet", "tile", str(cmu_small), "-o", str(tmp_path / "n"),
+                                    "--limit", "40", "--stain-norm", "macenko",
+                                    "--stain-target", str(target)])
+    assert res.exit_code == 0, res.output
+    with h5py.File(raw.archive) as f:
+        raw_x, raw_coords = f["x"][:], f["coords"][:]
+    with h5py.File(tmp_path / "n" / "CMU-1-Small-Region.h5") as f:
+        x, coords, attrs = f["x"][:], f["coords"][:], dict(f.attrs)
+    np.testing.assert_array_equal(coords, raw_coords)
+    assert x.dtype == np.uint8 and x.shape == raw_x.shape
+    assert np.abs(x.astype(int) - raw_x).mean() > 5  # the colours changed
+    assert attrs["stain_method"] == "macenko"
+    assert json.loads(attrs["stain_reference"])["source"] == target.name
+    fit_info = json.loads(attrs["stain_fit"])
+    assert fit_info["sample_patches"] == 40 and fit_info["seed"] == 0
+    fit = StainFit(torch.tensor(fit_info["stain_matrix"], dtype=torch.float32),
+                   torch.tensor(fit_info["max_concentrations"], dtype=torch.float32))
+    norm = make_normalizer("macenko", target_image=target, channels_last=True)
+    expected = norm.normalize(raw_x, fit)
+    np.testing.assert_array_equal(x, expected)
+
+
+def test_tile_stain_norm_on_blank_regions(cmu_small, tmp_path, caplog):
+    blank_slide = tmp_path / "generated-blank.tif"  # generated: an empty 'glass' slide
+    tifffile.imwrite(blank_slide, np.full((1024, 1024, 3), 242, np.uint8), tile=(256, 256),
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    r0 = tile_slide(blank_slide, tmp_path / "c", stain_norm="macenko")
+    assert r0.n_patches == 0 and r0.attrs["stain_method"] == "none"
+    # glass patches only (min_tissue 0): the fit has nothing to use -> raw patches, a warning
+    with caplog.at_level(logging.WARNING):
+        r = tile_slide(blank_slide, tmp_path / "a", min_tissue=0.0, stain_norm="macenko")
+    assert r.n_patches > 0
+    assert r.attrs["stain_method"] == "none" and r.attrs["stain_requested"] == "macenko"
+    assert "stain_fit_error" in r.attrs and any("stain fit failed" in m for m in caplog.messages)
+    with h5py.File(r.archive) as f:
+        assert f["x"].dtype == np.uint8 and (f["x"][:] == 242).all()
+    # a fitted real slide keeps its glass patches finite, uint8 and near-white
+    r2 = tile_slide(cmu_small, tmp_path / "b", min_tissue=0.0, limit=150, stain_norm="macenko")
+    with h5py.File(r2.archive) as f:
+        x, frac = f["x"][:], f["tissue_fraction"][:]
+    assert r2.attrs["stain_method"] == "macenko" and x.dtype == np.uint8
+    blank = x[frac == 0]
+    assert len(blank) > 10 and blank.mean() > 200

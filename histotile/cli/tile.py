@@ -34,11 +34,17 @@ from histotile.cli.common import (
               show_default=True, help="Otsu on HSV saturation, or on grey level.")
 @click.option("--limit", type=click.IntRange(min=0), default=None,
               help="Keep at most N patches per slide (the first N of the grid).")
+@click.option("--stain-norm", type=click.Choice(["none", "macenko"]), default="none",
+              show_default=True,
+              help="Macenko-normalise the patches (fitted once per slide on 64 of its patches).")
+@click.option("--stain-target", type=click.Path(dir_okay=False), default=None,
+              help="Image whose stains are the reference [default: the standard H&E one].")
 @backend_option
 @click.pass_context
 def tile(ctx: click.Context, slides: tuple[str, ...], out_dir: str, patch_size: int,
          mpp: float | None, level: int | None, slide_mpp: float | None, overlap: float,
-         min_tissue: float, tissue_method: str, limit: int | None, backend: str) -> None:
+         min_tissue: float, tissue_method: str, limit: int | None, stain_norm: str,
+         stain_target: str | None, backend: str) -> None:
     """Cut tissue patches of SLIDES at a target mpp into PatchCamelyon-layout HDF5 archives."""
     from histotile.tile import tile_slide
 
@@ -50,6 +56,7 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out_dir: str, patch_size: 
                 path, out_dir, patch_size=patch_size, mpp=mpp, level=level,
                 slide_mpp=slide_mpp, overlap=overlap, min_tissue=min_tissue, limit=limit,
                 backend=backend, tissue_method=tissue_method, progress=not quiet,
+                stain_norm=stain_norm, stain_target=stain_target,
             )
         except Exception as exc:  # noqa: BLE001 - one slide failing must not stop the others
             if len(slides) == 1 and not debug:
