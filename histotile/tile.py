@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from histotile import __version__
+from histotile._callable import make_module_callable
 from histotile.errors import HistotileError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
@@ -230,12 +229,4 @@ def tile(slides: str | Path | Sequence[str | Path], out_dir: str | Path,
     return results
 
 
-class _CallableModule(types.ModuleType):
-    """``histotile.tile`` is both this module and the function: importing the submodule first
-    (as the CLI does) makes the package attribute the module, so calling it must still work."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[TileResult]:
-        return tile(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, "tile")
