@@ -16,24 +16,24 @@ import click
 from histotile import __version__
 from histotile.errors import HistotileError
 
-# command name -> (module, attribute, one-line help shown by --help without importing)
+# command name -> (module in histotile.cli, attribute, one-line help shown without importing)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "info": ("histotile.cli.info", "info", "Describe a slide: backend, levels, mpp and its source."),
-    "tile": ("histotile.cli.tile", "tile", "Cut tissue patches at a target mpp into PCam-layout HDF5."),
-    "predict": ("histotile.cli.predict", "predict", "Run a patch classifier over slides or archives."),
-    "train": ("histotile.cli.train", "train", "Train a patch classifier (pcam, pathmnist, a folder)."),
-    "evaluate": ("histotile.cli.train", "evaluate", "Evaluate a model on a dataset with clinical metrics."),
-    "models": ("histotile.cli.models", "models", "List and show the bundled models."),
-    "explain": ("histotile.cli.explain", "explain", "Grad-CAM / attention grids for patch archives."),
-    "export": ("histotile.cli.export", "export", "Re-export finished results (QuPath GeoJSON, OME-TIFF)."),
-    "describe": ("histotile.cli.describe", "describe", "Dataset views: class balance, t-SNE, samples."),
-    "slurm": ("histotile.cli.slurm", "slurm", "Write, submit and follow SLURM array jobs."),
-    "sample-data": ("histotile.cli.sample_data", "sample_data", "Fetch (or find cached) sample data."),
+    "info": ("info", "info", "Describe a slide: backend, levels, mpp and its source."),
+    "tile": ("tile", "tile", "Cut tissue patches at a target mpp into PCam-layout HDF5."),
+    "predict": ("predict", "predict", "Run a patch classifier over slides or archives."),
+    "train": ("train", "train", "Train a patch classifier (pcam, pathmnist, a folder)."),
+    "evaluate": ("train", "evaluate", "Evaluate a model on a dataset with clinical metrics."),
+    "models": ("models", "models", "List and show the bundled models."),
+    "explain": ("explain", "explain", "Grad-CAM / attention grids for patch archives."),
+    "export": ("export", "export", "Re-export finished results (QuPath GeoJSON, OME-TIFF)."),
+    "describe": ("describe", "describe", "Dataset views: class balance, t-SNE, samples."),
+    "slurm": ("slurm", "slurm", "Write, submit and follow SLURM array jobs."),
+    "sample-data": ("sample_data", "sample_data", "Fetch (or find cached) sample data."),
 }
 
 
 def _available(name: str) -> bool:
-    return importlib.util.find_spec(COMMANDS[name][0]) is not None
+    return importlib.util.find_spec(f"histotile.cli.{COMMANDS[name][0]}") is not None
 
 
 class LazyGroup(click.Group):
@@ -46,7 +46,7 @@ class LazyGroup(click.Group):
         if cmd_name not in COMMANDS or not _available(cmd_name):
             return None
         module, attr, _ = COMMANDS[cmd_name]
-        return getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(f"histotile.cli.{module}"), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         # with standalone_mode=False click returns ctx.exit(n)'s code instead of exiting
-        rc = cli.main(args=args, prog_name="histotile", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="histotile", standalone_mode=False,
+                      obj={"argv": list(args)})
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -94,4 +95,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)

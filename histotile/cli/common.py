@@ -42,6 +42,16 @@ def debug_flag(ctx: click.Context) -> bool:
     return bool(root.obj and root.obj.get("debug"))
 
 
+def invoked_command(ctx: click.Context) -> str:
+    """The command line as the user typed it (``histotile ...``), for run metadata."""
+    import shlex
+    import sys
+
+    root = ctx.find_root()
+    argv = (root.obj or {}).get("argv", sys.argv[1:])
+    return shlex.join(["histotile", *argv])
+
+
 def quiet_flag(ctx: click.Context) -> bool:
     root = ctx.find_root()
     return bool(root.obj and root.obj.get("quiet"))

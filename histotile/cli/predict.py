@@ -7,13 +7,18 @@ batch of the first slide is ready.
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 
 import click
 
 from histotile.cli.batch_options import batch_options
-from histotile.cli.common import backend_option, debug_flag, quiet_flag, slide_mpp_option
+from histotile.cli.common import (
+    backend_option,
+    debug_flag,
+    invoked_command,
+    quiet_flag,
+    slide_mpp_option,
+)
 
 
 @click.command("predict")
@@ -90,7 +95,7 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
         workers=workers, slide_mpp=slide_mpp, stain_norm=stain_norm, min_tissue=min_tissue,
         overlap=overlap, split=split, backend=backend, **batch_opts,
         progress=not quiet, on_error="raise" if debug else _print_failure,
-        command=" ".join(shlex.quote(a) for a in ["histotile", *sys.argv[1:]]),
+        command=invoked_command(ctx),
         gradcam=gradcam, cam_class=cam_class, cam_layer=cam_layer, cam_resolution=cam_resolution,
         geojson_plain=geojson_plain, qupath_object_type=qupath_object_type,
         qupath_min_prob=qupath_min_prob, qupath_merge=qupath_merge, ome_tiff=ome_tiff,
