@@ -206,6 +206,10 @@ METHODS: dict[str, Callable[..., tuple[Any, Any]]] = {"gradcam": gradcam}
 
 
 def get_method(name: str) -> Callable[..., tuple[Any, Any]]:
+    if name not in METHODS:  # other methods (ViT attention) register when their module loads
+        from histotile.models.architectures import load_plugins
+
+        load_plugins()
     if name not in METHODS:
         raise InvalidArgumentError(f"unknown explanation method {name!r}",
                                    f"choose one of: {', '.join(sorted(METHODS))}")
@@ -553,7 +557,8 @@ def explain(model: str | Path | None, archive: str | Path, out_dir: str | Path, 
             split: str = "test", batch_size: int = 64, device: str = "auto",
             centre: int = 32) -> dict[str, Any]:
     """Explain the first ``n`` patches of ``archive`` (PCam HDF5, MedMNIST npz or a Kaggle
-    folder): writes ``gradcam_grid.png`` and, for 96 px models, ``centre_region.json``.
+    folder): writes ``<method>_grid.png`` (``gradcam_grid.png``, ``attention_grid.png``) and,
+    for 96 px models, ``centre_region.json``.
     Returns the report dict (also the JSON's content when written)."""
     import torch
 
@@ -585,7 +590,8 @@ def explain(model: str | Path | None, archive: str | Path, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     pcam_like = card.patch_size == 96
     grid_path = write_cam_grid(
-        out / "gradcam_grid.png", patches, shown, class_names=card.class_names, pred=pred,
+        out / f"{method.replace('-', '_')}_grid.png", patches, shown,
+        class_names=card.class_names, pred=pred,
         conf=conf, true=labels, centre=centre if pcam_like else None,
         title=f"{method} · {card.name} · layer {_layer_name(loaded.module, layer)} · "
               f"class {cam_class}")

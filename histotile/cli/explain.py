@@ -8,14 +8,14 @@ import click
 
 # Listed here (not imported from histotile.explain) so --help needs no torch; a new method is
 # added to histotile.explain.METHODS and to this tuple.
-METHOD_CHOICES = ("gradcam",)
+METHOD_CHOICES = ("gradcam", "attention", "attention-rollout")
 
 
 @click.command("explain")
 @click.argument("model")
 @click.argument("archive", type=click.Path(exists=True))
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Folder for gradcam_grid.png and centre_region.json.")
+              help="Folder for <method>_grid.png and centre_region.json.")
 @click.option("-n", "n", type=click.IntRange(1), default=32, show_default=True,
               help="Explain the first N patches.")
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="gradcam", show_default=True)

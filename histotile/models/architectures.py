@@ -46,6 +46,10 @@ _CORE_MODULES = {"architectures", "card", "loading", "zoo"}
 _plugins_loaded = False
 
 
+# architectures registered outside histotile/models (the XGBoost baseline lives with training)
+_EXTRA_PLUGINS = ("histotile.train.xgboost_baseline",)
+
+
 def load_plugins() -> None:
     """Import the other modules of ``histotile.models`` once, so their ``@register`` run
     (vit, efficientnet, resnet50-attention... live in their own modules)."""
@@ -58,13 +62,13 @@ def load_plugins() -> None:
 
     import histotile.models as pkg
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name in _CORE_MODULES or info.ispkg:
-            continue
+    names = [f"histotile.models.{info.name}" for info in pkgutil.iter_modules(pkg.__path__)
+             if info.name not in _CORE_MODULES and not info.ispkg]
+    for name in [*names, *_EXTRA_PLUGINS]:
         try:
-            importlib.import_module(f"histotile.models.{info.name}")
+            importlib.import_module(name)
         except ImportError as exc:  # an optional dependency is missing: skip that module
-            logging.getLogger(__name__).debug("skipping histotile.models.%s: %s", info.name, exc)
+            logging.getLogger(__name__).debug("skipping %s: %s", name, exc)
 
 
 def _get(name: str) -> Architecture:
@@ -161,6 +165,3 @@ def resnet18(num_classes: int, patch_size: int, small_input: bool | None = None)
 @register("resnet50", cam_layer="layer4")
 def resnet50(num_classes: int, patch_size: int, small_input: bool | None = None) -> nn.Module:
     return _resnet(50, num_classes, patch_size, small_input)
-
-
-from histotile.models import cbam, efficientnet, vit; from histotile.train import xgboost_baseline  # noqa: E402,E702,F401,I001 (registers the extra architectures)
