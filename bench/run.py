@@ -1,0 +1,472 @@
+"""Whole-slide predict: histotile vs WSInfer vs TIAToolbox, same slide, same model.
+
+Each run is a fresh subprocess (imports included, as a user sees it), measured for wall time and
+peak memory of its whole process tree (psutil polling: sum of RSS, and of PSS which counts
+shared pages once). Tools run in alternation (h, w, t, h, w, t, ...) after one untimed warm-up
+each, and the table gives medians: on a noisy machine compare the ratios, not absolute times.
+
+TIAToolbox gets a mask marking exactly WSInfer's patch centres (its own auto mask keeps every
+patch touching tissue), so both anchors classify the same patches; histotile uses its own
+tissue detection (Otsu, ≥ 50 % tissue per patch). Patch counts are reported for all three.
+
+    python bench/run.py                      # 20k benchmark slide (built if missing), 3 runs
+    python bench/run.py --slide S.tif --runs 5 --tools histotile,wsinfer
+    python bench/run.py --quick              # 2048² slide, 1 run, no warm-up (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import anchors  # noqa: E402
+
+ROOT = HERE.parent
+TOOLS = ("histotile", "wsinfer", "tiatoolbox")
+STAGES = ("open", "tissue", "stain", "read", "model", "stitch", "export")
+
+
+# --------------------------------------------------------------------------- measuring
+def _tree_memory(procs: list[Any], full: bool) -> tuple[int, int, int]:
+    """(sum RSS, sum PSS, max single RSS) in bytes; PSS only when ``full`` (reads smaps)."""
+    import psutil
+
+    rss = pss = one = 0
+    for p in procs:
+        try:
+            info = p.memory_full_info() if full else p.memory_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+        one = max(one, info.rss)
+    return rss, pss, one
+
+
+def measure(cmd: list[str], env: dict[str, str], log: Path, poll_s: float = 0.2,
+            timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds and peak RSS/PSS (MB) summed over its process tree.
+
+    RSS is polled every ``poll_s``; the process tree and PSS (which reads smaps) once a
+    second, to keep the poller's own CPU use small on a 2-core machine.
+    """
+    import psutil
+
+    full_env = {**os.environ, **env}
+    peak_rss = peak_pss = peak_one = 0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                cwd=ROOT)
+        root = psutil.Process(proc.pid)
+        procs: list[Any] = [root]
+        tick = 0
+        while proc.poll() is None:
+            full = tick % max(1, round(1.0 / poll_s)) == 0
+            if full:
+                try:
+                    procs = [root, *root.children(recursive=True)]
+                except psutil.Error:
+                    procs = [root]
+            rss, pss, one = _tree_memory(procs, full)
+            peak_rss, peak_one = max(peak_rss, rss), max(peak_one, one)
+            if full:
+                peak_pss = max(peak_pss, pss)
+            if timeout_s and time.perf_counter() - t0 > timeout_s:
+                proc.kill()
+            tick += 1
+            time.sleep(poll_s)
+        wall = time.perf_counter() - t0
+    mb = 1024 * 1024
+    return {"wall_s": wall, "rc": proc.returncode, "peak_rss_mb": peak_rss / mb,
+            "peak_pss_mb": peak_pss / mb, "peak_rss_one_mb": peak_one / mb, "log": str(log)}
+
+
+# --------------------------------------------------------------------------- tools
+def histotile_run(slide: Path, model_dir: Path, out: Path, batch_size: int,
+                  workers: int | None, model_format: str) -> anchors.ToolRun:
+    folder = model_dir / ("histotile-ts" if model_format == "torchscript" else "histotile")
+    cmd = [sys.executable, "-m", "histotile", "--quiet", "predict", str(slide),
+           "--model", str(folder), "--out-dir", str(out), "--device", "cpu",
+           "--batch-size", str(batch_size)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    return anchors.ToolRun("histotile", cmd, out)
+
+
+def histotile_result(out: Path, slide: Path) -> dict[str, Any]:
+    """Patches and stage timings from histotile's run.json."""
+    run = json.loads((out / slide.stem / "run.json").read_text())
+    return {"patches": int(run["patches"]), "timings": run.get("timings", {}),
+            "engine": run.get("engine", {}), "effective_mpp": run.get("mpp", {}).get(
+                "effective_mpp")}
+
+
+def build_run(tool: str, args: argparse.Namespace, out: Path, mask: Path | None
+              ) -> anchors.ToolRun:
+    if tool == "histotile":
+        return histotile_run(args.slide, args.model_dir, out, args.batch_size,
+                             args.histotile_workers, args.histotile_model)
+    if tool == "wsinfer":
+        return anchors.wsinfer_run(args.slide, args.model_dir, out, args.batch_size,
+                                   args.wsinfer_workers)
+    return anchors.tiatoolbox_run(args.slide, args.model_dir, out, args.batch_size,
+                                  args.tiatoolbox_workers, mask, wsinfer_mpp(args))
+
+
+def patches_of(tool: str, out: Path, slide: Path) -> dict[str, Any]:
+    if tool == "histotile":
+        return histotile_result(out, slide)
+    if tool == "wsinfer":
+        return {"patches": anchors.wsinfer_patches(out)}
+    return {"patches": anchors.tiatoolbox_patches(out)}
+
+
+def wsinfer_mpp(args: argparse.Namespace) -> float:
+    """WSInfer's effective grid: round(P × model_mpp / slide_mpp) level-0 px resized to P."""
+    card = json.loads((args.model_dir / "histotile" / "model.json").read_text())
+    size, mpp = card["patch_size"], card["mpp"]
+    level0 = round(size * mpp / args.slide_mpp)
+    return level0 * args.slide_mpp / size
+
+
+def slide_facts(slide: Path) -> dict[str, Any]:
+    import openslide
+
+    with openslide.OpenSlide(str(slide)) as s:
+        return {"dimensions": list(s.dimensions), "levels": s.level_count,
+                "mpp": float(s.properties.get("openslide.mpp-x", "nan")),
+                "vendor": s.properties.get("openslide.vendor")}
+
+
+# --------------------------------------------------------------------------- model alone
+def model_alone(model_dir: Path, batch_size: int, seconds: float = 8.0) -> dict[str, Any]:
+    """ResNet-18 forward on random 96 px uint8 batches (histotile's preprocess), fresh process."""
+    code = f"""
+import json, time, torch
+from histotile.models.loading import load_model, preprocess
+m = load_model({str(model_dir / 'histotile')!r}, 'cpu')
+card = m.card
+g = torch.Generator().manual_seed(0)
+x = torch.randint(0, 256, ({batch_size}, card.patch_size, card.patch_size, 3), dtype=torch.uint8,
+                  generator=g)
+with torch.inference_mode():
+    for _ in range(2):
+        m.module(preprocess(x, card))
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < {seconds} or n < 2 * {batch_size}:
+        m.module(preprocess(x, card)); n += {batch_size}
+    dt = time.perf_counter() - t0
+print(json.dumps({{"patches": n, "seconds": dt, "patches_per_s": n / dt,
+                  "threads": torch.get_num_threads()}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- setup
+def prepare(args: argparse.Namespace) -> None:
+    """Benchmark slide and exported model, built when missing."""
+    if not args.slide.is_file():
+        from make_slide import make_benchmark_slide
+
+        print(f"building {args.slide} ({args.size}² px, seed {args.seed}) ...", flush=True)
+        make_benchmark_slide(args.slide, size=args.size, seed=args.seed)
+    if not (args.model_dir / "histotile" / "model.json").is_file():
+        from export_model import export_all
+
+        export_all(args.model_dir, seed=args.seed)
+    facts = slide_facts(args.slide)
+    args.slide_facts = facts
+    args.slide_mpp = facts["mpp"]
+
+
+def choose_tools(args: argparse.Namespace) -> list[str]:
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = set(wanted) - set(TOOLS)
+    if unknown:
+        sys.exit(f"unknown tools: {', '.join(sorted(unknown))} (choose from {', '.join(TOOLS)})")
+    tools = []
+    for t in wanted:
+        if t != "histotile" and not anchors.available(t):
+            print(f"note: {t} skipped: no virtualenv at {anchors.venv_python(t).parent.parent} "
+                  "(bash bench/anchors.sh install)")
+            continue
+        tools.append(t)
+    return tools
+
+
+def tia_mask(args: argparse.Namespace, tools: list[str], out: Path) -> Path | None:
+    """WSInfer's patch centres as a TIAToolbox mask (from a WSInfer run; None: auto mask)."""
+    if "tiatoolbox" not in tools or args.tia_mask == "auto":
+        return None
+    if not anchors.available("wsinfer"):
+        print("note: no WSInfer: TIAToolbox uses its own auto tissue mask (counts will differ)")
+        return None
+    ref = out / "wsinfer-reference"
+    if not (ref / "patches").is_dir():
+        print("reference WSInfer run for the TIAToolbox mask ...", flush=True)
+        run = anchors.wsinfer_run(args.slide, args.model_dir, ref, args.batch_size,
+                                  args.wsinfer_workers)
+        res = measure(run.cmd, run.env, out / "logs" / "wsinfer-reference.log")
+        if res["rc"] != 0:
+            sys.exit(f"WSInfer reference run failed, see {res['log']}")
+    coords, size = anchors.wsinfer_coords(ref)
+    return anchors.centre_mask(coords, size, tuple(args.slide_facts["dimensions"]),
+                               out / "tiatoolbox-mask.png")
+
+
+# --------------------------------------------------------------------------- main loop
+def run_all(args: argparse.Namespace, tools: list[str], mask: Path | None
+            ) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
+    schedule = [(-1 - w, t) for w in range(args.warmup) for t in tools]
+    schedule += [(r, t) for r in range(args.runs) for t in tools]
+    for r, tool in schedule:
+        label = f"warm-up {-r}" if r < 0 else f"run {r + 1}/{args.runs}"
+        out = args.out / "runs" / f"{tool}-{'w' if r < 0 else ''}{abs(r) if r < 0 else r + 1}"
+        shutil.rmtree(out, ignore_errors=True)
+        run = build_run(tool, args, out, mask)
+        res = measure(run.cmd, run.env, args.out / "logs" / f"{out.name}.log",
+                      timeout_s=args.timeout)
+        if res["rc"] != 0:
+            print(f"  {tool:10s} {label}: FAILED rc={res['rc']} (see {res['log']})", flush=True)
+            continue
+        res.update(patches_of(tool, out, args.slide))
+        print(f"  {tool:10s} {label}: {res['wall_s']:7.1f} s  {res['patches']:6d} patches  "
+              f"RSS {res['peak_rss_mb']:6.0f} MB  PSS {res['peak_pss_mb']:6.0f} MB", flush=True)
+        if r >= 0:
+            results[tool].append(res)
+        if not args.keep_outputs:
+            shutil.rmtree(out, ignore_errors=True)
+        if r >= 0 and tool == tools[-1] and not args.no_model_alone:
+            alone = model_alone(args.model_dir, args.batch_size)
+            results.setdefault("model-alone", []).append(alone)
+            print(f"  model alone  {label}: {alone.get('patches_per_s', float('nan')):.1f} "
+                  "patches/s", flush=True)
+    return results
+
+
+def median_model_alone(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    runs = [r for r in results.pop("model-alone", []) if "patches_per_s" in r]
+    if not runs:
+        return {}
+    return {"patches_per_s": statistics.median(r["patches_per_s"] for r in runs),
+            "threads": runs[0]["threads"], "runs": runs}
+
+
+def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for tool, runs in results.items():
+        if not runs:
+            continue
+        walls = [r["wall_s"] for r in runs]
+        wall = statistics.median(walls)
+        patches = runs[-1]["patches"]
+        rows[tool] = {"patches": patches, "wall_s": wall, "min_s": min(walls),
+                      "max_s": max(walls), "patches_per_s": patches / wall,
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                      "peak_pss_mb": max(r["peak_pss_mb"] for r in runs), "runs": len(runs)}
+        if tool == "histotile":
+            names = [s for s in STAGES if any(s in r["timings"] for r in runs)]
+            names += sorted({s for r in runs for s in r["timings"]} - set(names))
+            rows[tool]["stages"] = {s: statistics.median(r["timings"].get(s, 0.0) for r in runs)
+                                    for s in names}
+            for key in ("model_load_s", "wait_s"):
+                rows[tool][key] = statistics.median(r["engine"].get(key, 0.0) for r in runs)
+    return rows
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    ht = rows.get("histotile")
+    lines = ["| tool | patches | wall s (median, min–max) | patches/s | peak RSS MB | "
+             "peak PSS MB | histotile / tool (wall) | histotile / tool (s per patch) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for tool, r in rows.items():
+        ratio = per_patch = "—"
+        if ht and tool != "histotile":
+            ratio = f"{ht['wall_s'] / r['wall_s']:.2f}"
+            per_patch = f"{(ht['wall_s'] / ht['patches']) / (r['wall_s'] / r['patches']):.2f}"
+        lines.append(f"| {tool} | {r['patches']} | {r['wall_s']:.1f} ({r['min_s']:.1f}–"
+                     f"{r['max_s']:.1f}) | {r['patches_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_pss_mb']:.0f} | {ratio} | {per_patch} |")
+    return "\n".join(lines)
+
+
+def stage_table(row: dict[str, Any], alone: dict[str, Any]) -> str:
+    """histotile's own stage timings (run.json), and its overhead beyond the model alone."""
+    stages = row["stages"]
+    wall = row["wall_s"]
+    lines = ["| histotile stage (run.json) | s (median) | share of wall |", "|---|---:|---:|"]
+    for s, sec in stages.items():
+        note = " (reader thread, overlaps model)" if s == "read" else ""
+        lines.append(f"| {s}{note} | {sec:.2f} | {sec / wall:.0%} |")
+    serial = sum(sec for s, sec in stages.items() if s != "read")
+    lines.append(f"| process start, imports, rest (wall − serial stages) | {wall - serial:.2f} | "
+                 f"{(wall - serial) / wall:.0%} |")
+    lines.append(f"\nThe model stage includes loading the weights ({row['model_load_s']:.2f} s), "
+                 f"and the model waited {row.get('wait_s', 0.0):.2f} s for patches in all; `read` "
+                 "runs in a reader thread beside the model (on 2 cores the two share the CPU).")
+    if "patches_per_s" in alone:
+        pure = row["patches"] / alone["patches_per_s"]
+        lines.append(f"\nModel alone (ResNet-18 forward + histotile preprocess on random 96 px "
+                     f"batches, {alone['threads']} torch threads, measured in the same "
+                     f"alternation): {alone['patches_per_s']:.1f} patches/s → {pure:.1f} s for "
+                     f"{row['patches']} patches; histotile wall − that = {wall - pure:.1f} s "
+                     f"non-model overhead ({(wall - pure) / pure:.0%} of the model's time, "
+                     "process start and imports included).")
+    return "\n".join(lines)
+
+
+def header_lines(header: dict[str, Any], tools: list[str], mask: Path | None) -> str:
+    """Date, machine, commit, command and slide, as Markdown bullet lines."""
+    dims = "×".join(str(d) for d in header["dimensions"])
+    tia = ("TIAToolbox given WSInfer's patch centres as its mask" if mask is not None
+           else "TIAToolbox with its own auto mask")
+    lines = [f"- date: {header['date']}; commit `{header['commit']}`",
+             f"- machine: {header['machine']}",
+             f"- command: `{header['command']}`",
+             f"- slide: {Path(header['slide']).name}, {dims} px, {header['levels']} levels, "
+             f"mpp {header['mpp']} ({header['vendor']}); model ResNet-18, 96 px at 0.972 µm/px "
+             f"(WSInfer grid {header['wsinfer_effective_mpp']:.5f} µm/px), batch "
+             f"{header['batch_size']}"]
+    if "tiatoolbox" in tools:
+        lines.append(f"- {tia}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"load avg {os.getloadavg()[0]:.1f} at start")
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", type=Path, default=None,
+                    help="slide [default: bench/out/bench20k.tif, built if missing]")
+    ap.add_argument("--size", type=int, default=20000, help="size of a slide built here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-dir", type=Path, default=HERE / "out" / "model",
+                    help="export_model.py output (made if missing)")
+    ap.add_argument("--out", type=Path, default=HERE / "out" / "run")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each tool first")
+    ap.add_argument("--batch-size", type=int, default=64, help="same for every tool")
+    ap.add_argument("--histotile-workers", type=int, default=None,
+                    help="histotile --workers [default: its own]")
+    ap.add_argument("--histotile-model", choices=["safetensors", "torchscript"],
+                    default="safetensors")
+    ap.add_argument("--wsinfer-workers", type=int, default=1,
+                    help="WSInfer loader workers (≥ 1: 0 crashes at its GeoJSON step)")
+    ap.add_argument("--tiatoolbox-workers", type=int, default=0)
+    ap.add_argument("--tia-mask", choices=["wsinfer", "auto"], default="wsinfer",
+                    help="TIAToolbox patches: WSInfer's centres, or its own auto mask")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    ap.add_argument("--no-model-alone", action="store_true")
+    ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="only re-render the report of an earlier results.json")
+    ap.add_argument("--quick", action="store_true",
+                    help="2048² slide, 1 run, no warm-up: a smoke test of the harness")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size = min(args.size, 2048)
+        args.runs, args.warmup = 1, 0
+        args.slide = args.slide or HERE / "out" / f"quick{args.size}.tif"
+    args.slide = (args.slide or HERE / "out" / "bench20k.tif").resolve()
+    args.model_dir = args.model_dir.resolve()
+    args.out = args.out.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prepare(args)
+    tools = choose_tools(args)
+    if not tools:
+        print("nothing to run")
+        return 1
+    if args.quick and tools == ["histotile"]:
+        print("quick mode: histotile only (anchors not installed or not asked for)")
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = {"date": started, "machine": machine(), "commit": git_commit(),
+              "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None
+                                                           else argv),
+              "slide": str(args.slide), **args.slide_facts,
+              "wsinfer_effective_mpp": wsinfer_mpp(args), "batch_size": args.batch_size}
+    print(json.dumps(header, indent=1))
+    mask = tia_mask(args, tools, args.out)
+    results = run_all(args, tools, mask)
+    alone = median_model_alone(results)
+    rows = summarise(results)
+    (args.out / "results.json").write_text(json.dumps(
+        {"header": header, "rows": rows, "model_alone": alone, "runs": results,
+         "mask": str(mask) if mask else None, "tools": tools}, indent=1))
+    print("\n" + render(header, rows, alone, tools, mask))
+    (args.out / "results.md").write_text(render(header, rows, alone, tools, mask) + "\n")
+    failed = [t for t in tools if not results[t]]
+    return 1 if failed else 0
+
+
+def render(header: dict[str, Any], rows: dict[str, dict[str, Any]], alone: dict[str, Any],
+           tools: list[str], mask: Path | str | None) -> str:
+    """The Markdown report: header lines, the tool table, histotile's stages."""
+    text = [table(rows)]
+    if "histotile" in rows:
+        text.append(stage_table(rows["histotile"], alone))
+    elif alone:
+        text.append(f"model alone: {alone['patches_per_s']:.1f} patches/s")
+    return "\n\n".join([header_lines(header, tools, mask), *text])
+
+
+def rerender(path: Path) -> int:
+    """Re-summarise a results.json (e.g. after changing the report) without running anything."""
+    data = json.loads(path.read_text())
+    results = data["runs"]
+    alone = median_model_alone(results) or data.get("model_alone", {})
+    tools = data.get("tools") or [t for t in TOOLS if t in results]
+    rows = summarise({t: results[t] for t in tools if t in results})
+    print(render(data["header"], rows, alone, tools, data.get("mask", "given")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
