@@ -505,7 +505,8 @@ def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dic
                 f"{card.patch_size} px", "use a model made for this patch size",
                 subject=str(item))
         with timer("stain"):
-            stain, stain_info = make_stain_step(settings, None, str(item))
+            stain, stain_info = make_stain_step(settings, _archive_stain_sample(archive, card),
+                                                str(item))
         stats = EngineStats()
         pred = np.empty(len(archive), np.int64)
         bar = _bar(len(archive), settings.progress, item.name)
@@ -538,6 +539,15 @@ def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dic
             info["labels"] = {"source": archive.labels_source}
             info.update(_accuracy(archive.labels, pred, card.num_classes, str(item)))
     return info
+
+
+def _archive_stain_sample(archive: Any, card: Any) -> np.ndarray | None:
+    """Patches for one per-archive stain fit (like per slide) when the model was trained on
+    patches as they are (card ``stain.in_training`` false); ``None``: per patch, as trained."""
+    if (card.stain or {}).get("in_training", True):
+        return None
+    first = next(archive.iter_batches(4 * STAIN_SAMPLE), None)
+    return None if first is None else first[1]
 
 
 def _archive_batches(archive: Any, batch_size: int, stain: Any,

@@ -174,3 +174,26 @@ def test_augment_batch_is_seeded_and_keeps_layout() -> None:
     b = augment_batch(x, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)
     assert not torch.equal(a, x)
+
+
+def test_fitted_stain_reference_without_training_normalisation(tmp_path: Path) -> None:
+    """--stain-reference fit --no-stain-train: the card carries a Macenko reference fitted on the
+    (already normalised) training patches, training sees them as they are, and predict will
+    normalise slides to that reference."""
+    from histotile.stain import MacenkoNormalizer, StainReference
+    from histotile.train.datasets import load_dataset
+
+    npz = _first_n(tmp_path, 200)
+    out = train(npz, tmp_path / "m", epochs=1, batch_size=32, max_steps=1, device="cpu",
+                val_fraction=0.2, progress=False, n_boot=0, plots=False,
+                stain_norm="macenko", stain_reference="fit", stain_train=False)
+    card = load_model(out).card
+    assert card.stain["method"] == "macenko" and card.stain["in_training"] is False
+    ref = StainReference.from_dict(card.stain["reference"])
+    assert ref.source != "macenko-default"
+    # the reference is the pooled fit of the training split's patches
+    data = load_dataset(npz, val_fraction=0.2, seed=0)
+    train_patches = np.stack([data.train[i][0] for i in range(len(data.train))])
+    fit = MacenkoNormalizer(channels_last=True).fit(train_patches)
+    assert np.allclose(np.asarray(ref.stain_matrix), fit.stain_matrix.numpy(), atol=0.02)
+    assert BatchPipeline(card, torch.device("cpu")).normalizer is None

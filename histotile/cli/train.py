@@ -49,6 +49,19 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--size", type=int, default=None, help="Patch size (PathMNIST: 28, 64, 128, 224).")
 @click.option("--stain-norm", type=click.Choice(["none", "macenko"]), default="none",
               show_default=True, help="Macenko-normalise every patch (recorded in the card).")
+@click.option("--stain-reference", default="default", show_default=True,
+              metavar="fit|default|IMAGE",
+              help="Macenko target recorded in the card: fitted on the pooled training patches, "
+                   "the standard reference, or fitted on an image.")
+@click.option("--stain-train/--no-stain-train", default=True, show_default=True,
+              help="Also normalise the training patches (off: they are already normalised to the "
+                   "reference, as PathMNIST; predict still normalises slides).")
+@click.option("--weight-decay", type=float, default=None,
+              help="Weight decay [default: 0 for adam, 0.05 for adamw].")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Cross-entropy label smoothing.")
+@click.option("--arch-kwargs", default=None, metavar="JSON",
+              help="Architecture arguments, e.g. '{\"width\": 48}' (recorded in the card).")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Flips, 90° rotations, light HED stain jitter.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -63,6 +76,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Labels CSV for a 'histotile tile' archive (column label, optional index).")
 @click.option("--mpp", type=float, default=None, help="µm/px of the patches (image folders).")
+@click.option("--pretrained", type=click.Choice(["imagenet"]), default=None,
+              help="Start from torchvision ImageNet weights (resnet18, resnet50, "
+                   "resnet50-attention, efficientnet-b0); downloaded once, sha256-checked.")
 @click.option("--name", default=None, help="Model name in the card [default: folder name].")
 @click.option("--notes", default="", help="Free text for the card's notes.")
 @click.pass_context
@@ -71,7 +87,17 @@ def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) 
     (train/*.tif + train_labels.csv), an image folder (one sub-folder per class) or a tile archive
     with --labels. Writes model.json, weights.safetensors, metrics and plots to the output folder.
     """
+    from histotile.errors import InvalidArgumentError
     from histotile.train import train as run_train
+
+    if kw.get("arch") == "xgboost":  # the classical baseline (histotile.train.xgboost_baseline)
+        from histotile.train.xgboost_baseline import train_xgboost as run_train
+    if kw.get("arch_kwargs") is not None:
+        try:
+            kw["arch_kwargs"] = json.loads(str(kw["arch_kwargs"]))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgumentError(f"--arch-kwargs is not JSON ({exc.msg})",
+                                       "give an object, e.g. '{\"width\": 48}'") from None
 
     out = out_dir or Path(f"histotile-model-{Path(dataset).name}")
     folder = run_train(dataset, out, command=_command_line(ctx), progress=not quiet_flag(ctx),

@@ -3,8 +3,14 @@
 Default recipe (MedMNIST v2, Yang et al. 2023): Adam, lr 1e-3, batch 128, cross-entropy, the
 learning rate ×0.1 at 50 % and 75 % of the epochs; ``optimizer="adamw"`` uses AdamW (weight decay
 0.05). Augmentation (``augment=True``): random horizontal/vertical flips, 90° rotations and a light
-HED stain jitter (Tellez et al. 2018, σ = 0.05). ``stain_norm="macenko"`` normalises every patch to
-the card's Macenko reference before augmentation, at training and inference alike. AMP (bf16, else
+HED stain jitter (Tellez et al. 2018, σ = 0.05). ``stain_norm="macenko"`` records Macenko in the
+card with ``stain_reference``: ``"default"`` (the standard reference), ``"fit"`` (fitted on the
+pooled training patches, e.g. PathMNIST, whose source NCT-CRC-HE-100K was Macenko-normalised, so
+its colours are the target) or an image path. With ``stain_train=True`` every training patch is
+normalised to that reference before augmentation; with ``False`` the patches are used as they are
+(data already normalised to it) and only ``predict`` normalises slides to the reference (the card's
+``stain.in_training`` says which, and :class:`BatchPipeline` follows it). ``label_smoothing`` for
+the cross-entropy. AMP (bf16, else
 fp16 + GradScaler) on CUDA. A checkpoint (model, optimizer, scheduler, scaler, epoch, RNG states,
 history, best weights) is written atomically after every epoch; ``resume=True`` continues from it
 exactly. The shuffling, augmentation and dropout of epoch ``e`` are seeded with ``(seed, e)`` so a
@@ -54,19 +60,28 @@ class TrainConfig:
     weight_decay: float = 0.0
     size: int | None = None
     stain_norm: str = "none"
+    stain_reference: str = "default"
+    stain_train: bool = True
+    label_smoothing: float = 0.0
     augment: bool = True
     seed: int = 0
     val_fraction: float = 0.1
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None  # "imagenet": torchvision weights (models/pretrained.py)
 
 
 # --------------------------------------------------------------------------- batch pipeline
 class BatchPipeline:
-    """uint8 NHWC batch on the device → (stain norm) → (augment) → normalised NCHW float."""
+    """uint8 NHWC batch on the device → (stain norm) → (augment) → normalised NCHW float.
+
+    The stain step runs when the card's ``stain.in_training`` is true (the default), i.e. the
+    model was trained on normalised patches.
+    """
 
     def __init__(self, card: ModelCard, device: torch.device, augment: bool = False) -> None:
         self.card, self.device, self.augment = card, device, augment
-        self.normalizer = make_stain_normalizer(card)
+        in_training = bool((card.stain or {}).get("in_training", True))
+        self.normalizer = make_stain_normalizer(card) if in_training else None
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         from histotile.models.loading import preprocess
@@ -159,7 +174,7 @@ def channel_stats(ps: PatchSet, card: ModelCard, device: torch.device,
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(ps), size=min(len(ps), max_patches), replace=False))
     x = torch.from_numpy(np.stack([ps[int(i)][0] for i in idx]))
-    norm = make_stain_normalizer(card)
+    norm = make_stain_normalizer(card) if card.stain.get("in_training", True) else None
     if norm is not None:
         x = norm.normalize(x.to(device)).cpu()
     f = x.double().div(255.0).reshape(-1, 3)
@@ -176,9 +191,8 @@ def build_card(cfg: TrainConfig, data: DatasetSplits, name: str, command: str,
                            "pass --mpp (microns per pixel of the patches)", subject=cfg.dataset)
     stain: dict[str, Any] = {"method": cfg.stain_norm, "reference": None}
     if cfg.stain_norm == "macenko":
-        from histotile.stain import StainReference
-
-        stain["reference"] = StainReference.default().to_dict()
+        stain["reference"] = stain_reference(cfg.stain_reference, data).to_dict()
+        stain["in_training"] = cfg.stain_train
     return ModelCard(
         name=name, version="1.0", architecture={"name": cfg.arch, "kwargs": cfg.arch_kwargs},
         classes=[ClassInfo(n, tuple(c))
@@ -194,11 +208,37 @@ def build_card(cfg: TrainConfig, data: DatasetSplits, name: str, command: str,
     )
 
 
+def stain_reference(spec: str, data: DatasetSplits, max_patches: int = 4096) -> Any:
+    """The Macenko reference ``spec`` names: ``default``, ``fit`` (pooled pixels of up to
+    ``max_patches`` training patches, seeded sample) or an image file."""
+    from histotile.stain import MacenkoNormalizer, StainReference
+
+    if spec == "default":
+        return StainReference.default()
+    if spec != "fit":
+        return StainReference.from_image(spec)
+    ps = data.train
+    idx = np.arange(len(ps))
+    if len(ps) > max_patches:
+        idx = np.sort(np.random.default_rng(0).choice(len(ps), max_patches, replace=False))
+    x = np.stack([ps[int(i)][0] for i in idx])
+    fit = MacenkoNormalizer(channels_last=True).fit(x)
+    return fit.to_reference(source=f"fit: {data.description}, training split "
+                                   f"({len(idx)} patches pooled)")
+
+
 def _recipe(cfg: TrainConfig) -> str:
     opt = "AdamW" if cfg.optimizer == "adamw" else "Adam"
     aug = "flips, 90° rotations, HED jitter 0.05" if cfg.augment else "none"
-    return (f"{opt} lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}, "
-            f"{cfg.epochs} epochs, lr x0.1 at 50%/75%, augment: {aug}")
+    arch = f"{cfg.arch} {json.dumps(cfg.arch_kwargs)}" if cfg.arch_kwargs else cfg.arch
+    extra = f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+    stain = "none"
+    if cfg.stain_norm != "none":
+        stain = (f"{cfg.stain_norm} to the {cfg.stain_reference} reference, "
+                 + ("per patch at training and inference" if cfg.stain_train else
+                    "at inference only (training patches already normalised)"))
+    return (f"{arch}, {opt} lr {cfg.lr:g} wd {cfg.weight_decay:g}, batch {cfg.batch_size}, "
+            f"{cfg.epochs} epochs, lr x0.1 at 50%/75%{extra}, augment: {aug}, stain: {stain}")
 
 
 def _data_md5(files: list[Path], limit: int = 2 << 30) -> str | None:
@@ -307,20 +347,25 @@ def fit(cfg: TrainConfig, data: DatasetSplits, card: ModelCard, out_dir: Path, *
 
     torch.manual_seed(cfg.seed)
     module = build_model(cfg.arch, card.num_classes, card.patch_size, **cfg.arch_kwargs)
+    if cfg.pretrained:
+        from histotile.models.pretrained import load_pretrained
+
+        card.training["pretrained"] = load_pretrained(module, cfg.arch, cfg.pretrained,
+                                                      progress=progress)
     module = module.to(device=device, memory_format=torch.channels_last)
     opt, sched = _build_optim(cfg, module)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     train_pipe = BatchPipeline(card, device, augment=cfg.augment)
     eval_pipe = BatchPipeline(card, device, augment=False)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"score": None, "state": None, "epoch": -1}
     start = 0
     ckpt_path = out_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
         ck = _load_checkpoint(ckpt_path)
-        if ck["config"] != _cfg_key(cfg):
+        if {**_cfg_key(TrainConfig(cfg.dataset)), **ck["config"]} != _cfg_key(cfg):
             raise InvalidArgumentError(
                 "the checkpoint was written by a different run configuration",
                 f"resume with the same options ({ck['config']}) or use a new -o folder",
@@ -459,12 +504,15 @@ def train(dataset: str | Path, out_dir: str | Path = "histotile-model", arch: st
           = None, download: bool = False, size: int | None = None, stain_norm: str = "none",
           augment: bool = True, seed: int = 0, resume: bool = False, device: str = "auto",
           workers: int = 0, val_fraction: float = 0.1, *, optimizer: str = "adam",
+          stain_reference: str = "default", stain_train: bool = True,
+          label_smoothing: float = 0.0,
           weight_decay: float | None = None, labels: str | Path | None = None,
           mpp: float | None = None, cv: int = 0, name: str | None = None,
           arch_kwargs: dict[str, Any] | None = None, notes: str = "", command: str | None = None,
           progress: bool = True, max_steps: int | None = None, n_boot: int = 1000,
           plots: bool = True,
-          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+          pretrained: str | None = None) -> Path:
     """Train a patch classifier and write a complete model folder; returns ``out_dir``.
 
     See the module docstring for the recipe. ``cv=k`` adds stratified k-fold CV accuracy to the
@@ -482,11 +530,17 @@ def train(dataset: str | Path, out_dir: str | Path = "histotile-model", arch: st
     if stain_norm not in {"none", "macenko"}:
         raise InvalidArgumentError(f"unknown stain normalisation {stain_norm!r}",
                                    "use none or macenko")
+    if stain_norm == "none" and (str(stain_reference) != "default" or not stain_train):
+        raise InvalidArgumentError("--stain-reference / --no-stain-train need a stain method",
+                                   "add --stain-norm macenko")
     wd = (0.05 if optimizer == "adamw" else 0.0) if weight_decay is None else weight_decay
     cfg = TrainConfig(dataset=str(dataset), arch=arch, epochs=epochs, batch_size=batch_size,
                       lr=lr, optimizer=optimizer, weight_decay=wd, size=size,
-                      stain_norm=stain_norm, augment=augment, seed=seed,
-                      val_fraction=val_fraction, arch_kwargs=dict(arch_kwargs or {}))
+                      stain_norm=stain_norm, stain_reference=str(stain_reference),
+                      stain_train=stain_train, label_smoothing=label_smoothing,
+                      augment=augment, seed=seed,
+                      val_fraction=val_fraction, arch_kwargs=dict(arch_kwargs or {}),
+                      pretrained=pretrained)
     data = load_dataset(dataset, data_dir, download=download, size=size,
                         val_fraction=val_fraction, seed=seed, labels=labels, mpp=mpp)
     dev = resolve_device(device)
