@@ -5,15 +5,14 @@ extra measurement columns (e.g. ``gradcam_mean``) follow ``label``. Streamed and
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError
+from histotile.export._atomic import AtomicTextWriter
 
 GEOMETRY_COLUMNS = ["minx", "miny", "width", "height"]
 
@@ -22,14 +21,13 @@ def prob_columns(class_names: Sequence[str]) -> list[str]:
     return [f"prob_{n}" for n in class_names]
 
 
-class PredictionsCSVWriter:
+class PredictionsCSVWriter(AtomicTextWriter):
     """Append batches of predictions to ``path`` (written as ``<path>.tmp``, renamed on close)."""
 
     def __init__(self, path: str | Path, class_names: Sequence[str],
                  patch_size_level0: int | tuple[int, int] | None = None,
                  extra_columns: Sequence[str] = ()) -> None:
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        super().__init__(path)
         self.class_names = list(class_names)
         self.size = patch_size_level0
         self.extra_columns = list(extra_columns)
@@ -64,23 +62,6 @@ class PredictionsCSVWriter:
                          + "".join(f",{v:.7g}" for v in e) + "\n")
         self._fh.write("".join(lines))
         self.rows += len(coords)
-
-    def close(self) -> Path:
-        if not self._fh.closed:
-            self._fh.close()
-            os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> PredictionsCSVWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.close() if exc_type is None else self.abort()
 
 
 def _num(v: float) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError
+from histotile.export._atomic import AtomicTextWriter
 
 OBJECT_TYPES = ("tile", "detection", "annotation")
 TILES_GZ, TILES_PLAIN = "tiles.geojson.gz", "tiles.geojson"
@@ -53,9 +54,11 @@ def _fmt(values: np.ndarray) -> list[str]:
     return [f"{v:.3f}" for v in values.tolist()]
 
 
-class GeoJSONTileWriter:
+class GeoJSONTileWriter(AtomicTextWriter):
     """Stream one GeoJSON Feature per patch into a FeatureCollection (``<path>.tmp``, renamed on
     close). Memory is bounded by the batch."""
+
+    footer = "\n]}\n"
 
     def __init__(self, path: str | Path, class_names: Sequence[str],
                  class_colors: Sequence[Sequence[int]], object_type: str = "tile",
@@ -67,8 +70,7 @@ class GeoJSONTileWriter:
         if len(class_names) != len(class_colors):
             raise InvalidArgumentError("class names and colours differ in number",
                                        "check the model card's classes")
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        super().__init__(path)
         self.class_names = list(class_names)
         self.measure_names = [json.dumps(f"prob_{n}") for n in self.class_names]
         self._classes = [_classification(n, c)
@@ -128,24 +130,6 @@ class GeoJSONTileWriter:
         return ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":['
                 + ring + ']},"properties":{"objectType":"' + self.object_type
                 + '","isLocked":true,"classification":%s,"measurements":{' + meas + "}}}")
-
-    def close(self) -> Path:
-        if not self._fh.closed:
-            self._fh.write("\n]}\n")
-            self._fh.close()
-            os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> GeoJSONTileWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.close() if exc_type is None else self.abort()
 
 
 def merge_classes(labels: np.ndarray, origin_level0: Any, stride_level0: Any,
