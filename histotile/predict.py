@@ -23,6 +23,11 @@ of ``cam_class`` (the argmax, or a named class); maps are stitched by
 ``patch_size_level0 / 8`` (8 x 8 CAM pixels per patch, about the 7 x 7 grid of smallcnn's last
 block at 28 px), overlapping patches averaged. ``gradcam_mean`` is the mean of a patch's raw map
 at the layer's grid (not normalised, comparable between patches of one run).
+
+ViT attention (``attention=True``, architecture ``vit`` only, not with ``gradcam``): the
+head-averaged raw CLS-row attention of the last block (:func:`histotile.attention.cls_attention`)
+stitched the same way into an ``attention`` image and ``attention_overlay.png`` (no CSV column:
+a CLS row sums to 1, so its mean is the same for every patch).
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ class PredictSettings:
     cam_class: str = "predicted"
     cam_layer: str | None = None
     cam_resolution: float | None = None
+    attention: bool = False
     geojson_plain: bool = False
     qupath_object_type: str = "tile"
     qupath_min_prob: float | None = None
@@ -172,6 +178,7 @@ class PredictSettings:
                 "split": self.split,
                 "gradcam": {"class": self.cam_class, "layer": self.cam_layer,
                             "resolution": self.cam_resolution} if self.gradcam else None,
+                "attention": {"resolution": self.cam_resolution} if self.attention else None,
                 "qupath": {"plain": self.geojson_plain, "object_type": self.qupath_object_type,
                            "min_prob": self.qupath_min_prob, "merge": self.qupath_merge},
                 "ome_tiff": self.ome_tiff}
@@ -357,7 +364,9 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                             min_prob=settings.qupath_min_prob, gzip=not settings.geojson_plain,
                             id_seed=seed)
     writers: list[Any] = [heat, table, geo]
-    stitcher, explain = _gradcam_parts(heat, grid, settings) if settings.gradcam else (None, None)
+    stitcher, explain = (_gradcam_parts(heat, grid, settings) if settings.gradcam else
+                         _attention_parts(heat, grid, settings) if settings.attention else
+                         (None, None))
     labels = np.zeros(len(grid), np.int32)  # argmax per patch, for the overlay
     bar = _bar(len(grid), settings.progress, seed)
     try:
@@ -367,7 +376,8 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                 stats=stats, on_batch=bar.update if bar is not None else None,
                 explain=explain):
             labels[idx] = probs.argmax(axis=1)
-            extra = {"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps else None
+            extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and settings.gradcam
+                     else None)
             with timer("stitch"):
                 heat.write(grid.indices[idx], probs)
                 if stitcher is not None:
@@ -417,6 +427,29 @@ def _gradcam_parts(heat: Any, grid: Any, settings: PredictSettings) -> tuple[Any
     return stitcher, functools.partial(_make_cam, settings=settings, target=target)
 
 
+def _attention_parts(heat: Any, grid: Any, settings: PredictSettings) -> tuple[Any, Any]:
+    """The ``attention`` image's stitcher and the engine's ``explain`` factory (ViT only)."""
+    from histotile.explain import CamStitcher
+
+    resolution = settings.cam_resolution or default_cam_resolution(grid.patch_size_level0)
+    stitcher = CamStitcher.from_grid(
+        heat, grid, resolution, name="attention",
+        class_name="CLS attention (last block, head mean)",
+        attrs={"method": "attention", "block_attention": "last", "heads": "mean"})
+    return stitcher, _make_attention
+
+
+def _make_attention(loaded: Any) -> Any:
+    """``x -> (head-mean CLS attention (B, g, g), probs)`` for a loaded ViT."""
+    from histotile.attention import cls_attention
+
+    def fn(x: Any) -> Any:
+        per_head, probs = cls_attention(loaded.module, x)
+        return per_head.mean(dim=1), probs
+
+    return fn
+
+
 def _make_cam(loaded: Any, settings: PredictSettings, target: str | int) -> Any:
     """``x -> (raw maps at the layer's grid, probs)`` for a loaded model (a GradCAM pass)."""
     from histotile.explain import GradCAM, resolve_layer
@@ -444,7 +477,20 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, settings: PredictSettings, seed: 
         "tiles": geo.path.name, "object_type": settings.qupath_object_type,
         "min_prob": settings.qupath_min_prob, "tiles_written": geo.count,
         "tiles_dropped": geo.dropped, "merged": settings.qupath_merge}}
-    if stitcher is not None:
+    if stitcher is not None and settings.attention:
+        from histotile.explain import write_gradcam_overlay_from_store
+
+        write_gradcam_overlay_from_store(tmp_dir / "attention_overlay.png",
+                                         tmp_dir / "heatmap.ome.zarr", tissue.thumbnail,
+                                         tissue.downsample, name="attention",
+                                         title="ViT CLS attention (last block, head mean)")
+        info["attention"] = {
+            "method": "attention", "block": "last", "heads": "mean",
+            "cam_resolution_asked": settings.cam_resolution,
+            "cam_resolution_level0": stitcher.resolution, "pixels_per_cell": stitcher.block,
+            "cam_scale": stitcher.cam_scale, "raw_max": stitcher.max_value,
+            "image": "heatmap.ome.zarr/attention"}
+    elif stitcher is not None:
         from histotile.explain import write_gradcam_overlay_from_store
 
         write_gradcam_overlay_from_store(tmp_dir / "gradcam_overlay.png",
@@ -495,9 +541,9 @@ def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dic
 
     timer = StageTimer()
     card = settings.model.card
-    if settings.gradcam:
-        log.warning("%s: --gradcam makes slide-level maps only; for patch archives use "
-                    "histotile explain", item.name)
+    if settings.gradcam or settings.attention:
+        log.warning("%s: --gradcam/--attention make slide-level maps only; for patch archives "
+                    "use histotile explain", item.name)
     with open_archive(item, split=settings.split) as archive:
         if archive.patch_size != card.patch_size:
             raise ModelError(
@@ -691,6 +737,18 @@ def _check_gradcam(model: LazyModel, cam_class: str) -> None:
                          subject=card.name)
 
 
+def _check_attention(model: LazyModel, gradcam: bool) -> None:
+    """Up front, from the card: a ViT, and not together with Grad-CAM."""
+    if gradcam:
+        raise InvalidArgumentError("--attention and --gradcam cannot be used together",
+                                   "pick one map per run", subject="--attention")
+    arch = str(model.card.architecture.get("name"))
+    if arch != "vit":
+        raise ModelError(f"--attention needs a Vision Transformer, not architecture {arch!r}",
+                         "use a model trained with --arch vit, or --gradcam",
+                         subject=model.card.name)
+
+
 def predict(
     inputs: str | Path | Sequence[str | Path],
     out_dir: str | Path = "histotile-out",
@@ -717,6 +775,7 @@ def predict(
     cam_class: str = "predicted",
     cam_layer: str | None = None,
     cam_resolution: float | None = None,
+    attention: bool = False,
     geojson_plain: bool = False,
     qupath_object_type: str = "tile",
     qupath_min_prob: float | None = None,
@@ -733,7 +792,9 @@ def predict(
     ``executor``: ``serial`` (this process), ``local`` or ``dask-jobqueue`` (``jobs`` workers).
     ``gradcam``/``cam_*``: Grad-CAM maps of ``cam_class`` (``predicted`` or a class name) at
     ``cam_layer`` (default: the architecture's last conv block), ``cam_resolution`` level-0 px
-    per CAM pixel (default ``patch_size_level0 / 8``). ``geojson_plain``,
+    per CAM pixel (default ``patch_size_level0 / 8``). ``attention``: stitch a ViT's
+    head-mean CLS attention instead (image ``attention``, ``attention_overlay.png``; uses
+    ``cam_resolution`` too). ``geojson_plain``,
     ``qupath_object_type`` (tile|detection), ``qupath_min_prob``, ``qupath_merge``: the QuPath
     export; ``ome_tiff``: also ``heatmap.ome.tif``.
     """
@@ -755,11 +816,14 @@ def predict(
         "split": split, "backend": backend, "progress": progress,
         "command": command if command is not None else _library_command(inputs, out_dir, model),
         "gradcam": gradcam, "cam_class": cam_class, "cam_layer": cam_layer,
-        "cam_resolution": cam_resolution, "geojson_plain": geojson_plain,
+        "cam_resolution": cam_resolution, "attention": attention,
+        "geojson_plain": geojson_plain,
         "qupath_object_type": qupath_object_type, "qupath_min_prob": qupath_min_prob,
         "qupath_merge": qupath_merge, "ome_tiff": ome_tiff,
     }
     lazy = LazyModel(model, device)
+    if attention:
+        _check_attention(lazy, gradcam)
     if gradcam:
         _check_gradcam(lazy, cam_class)
     fingerprint = PredictSettings(model=lazy, **{k: v for k, v in options.items()

@@ -56,6 +56,10 @@ from histotile.cli.common import (
 @click.option("--cam-resolution", default=None, type=click.FloatRange(min=0, min_open=True),
               metavar="PX", help="Level-0 px per Grad-CAM pixel [default: patch size in level-0 "
                                  "px / 8, i.e. 8 x 8 CAM pixels per patch].")
+@click.option("--attention", is_flag=True,
+              help="Also stitch a ViT's CLS attention (last block, head mean): an 'attention' "
+                   "image in heatmap.ome.zarr and attention_overlay.png (--arch vit models; "
+                   "not with --gradcam; --cam-resolution applies).")
 @click.option("--geojson-plain", is_flag=True,
               help="Write tiles.geojson (uncompressed) instead of tiles.geojson.gz.")
 @click.option("--qupath-object-type", default="tile", show_default=True,
@@ -72,14 +76,16 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
             device: str, batch_size: int, workers: int | None, slide_mpp: float | None,
             stain_norm: str, min_tissue: float, overlap: float, split: str, backend: str,
             gradcam: bool, cam_class: str, cam_layer: str | None, cam_resolution: float | None,
-            geojson_plain: bool, qupath_object_type: str, qupath_min_prob: float | None,
-            qupath_merge: bool, ome_tiff: bool, **batch: object) -> None:
+            attention: bool, geojson_plain: bool, qupath_object_type: str,
+            qupath_min_prob: float | None, qupath_merge: bool, ome_tiff: bool,
+            **batch: object) -> None:
     """Run a patch classifier over slides, folders of slides or patch archives.
 
     Per slide OUT_DIR/<stem>/ gets heatmap.ome.zarr, predictions.csv, tiles.geojson.gz,
     overlay.png, tissue.png and run.json (written last; finished slides are skipped);
-    --gradcam adds gradcam_overlay.png, --qupath-merge classes.geojson.gz, --ome-tiff
-    heatmap.ome.tif. Changing any of these options recomputes finished slides.
+    --gradcam adds gradcam_overlay.png, --attention (ViT) attention_overlay.png,
+    --qupath-merge classes.geojson.gz, --ome-tiff heatmap.ome.tif. Changing any of these
+    options recomputes finished slides.
     PCam .h5 and MedMNIST .npz archives get predictions.csv and, with labels, the accuracy.
     """
     from histotile.cli.batch_options import pop_batch_options
@@ -97,7 +103,7 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
         progress=not quiet, on_error="raise" if debug else _print_failure,
         command=invoked_command(ctx),
         gradcam=gradcam, cam_class=cam_class, cam_layer=cam_layer, cam_resolution=cam_resolution,
-        geojson_plain=geojson_plain, qupath_object_type=qupath_object_type,
+        attention=attention, geojson_plain=geojson_plain, qupath_object_type=qupath_object_type,
         qupath_min_prob=qupath_min_prob, qupath_merge=qupath_merge, ome_tiff=ome_tiff,
     )
     for line in accuracy_lines(summary):
