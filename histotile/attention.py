@@ -201,17 +201,11 @@ def explain_attention(model: str | Path | None, archive: str | Path, out_dir: st
     archive (PCam HDF5, MedMNIST npz, Kaggle folder) with a ViT model; returns a summary."""
     import torch
 
-    from histotile.explain import read_patches
-    from histotile.models.loading import load_model
+    from histotile.explain import load_model_and_patches
     from histotile.train.loop import BatchPipeline
 
-    loaded = load_model(model, device)
+    loaded, patches, labels = load_model_and_patches(model, archive, n, split, device)
     card = loaded.card
-    patches, labels = read_patches(archive, n, split)
-    if patches.shape[1] != card.patch_size:
-        raise InvalidArgumentError(
-            f"patches are {patches.shape[1]} px but the model expects {card.patch_size} px",
-            "pick a model made for this archive's patch size", subject=str(archive))
     x = BatchPipeline(card, loaded.device)(torch.from_numpy(patches))
     maps = all_maps(loaded.module, x)
     out = Path(out_dir)

@@ -562,16 +562,10 @@ def explain(model: str | Path | None, archive: str | Path, out_dir: str | Path, 
     Returns the report dict (also the JSON's content when written)."""
     import torch
 
-    from histotile.models.loading import load_model
     from histotile.train.loop import BatchPipeline
 
-    loaded = load_model(model, device)
+    loaded, patches, labels = load_model_and_patches(model, archive, n, split, device)
     card = loaded.card
-    patches, labels = read_patches(archive, n, split)
-    if patches.shape[1] != card.patch_size:
-        raise InvalidArgumentError(
-            f"patches are {patches.shape[1]} px but the model expects {card.patch_size} px",
-            "pick a model made for this archive's patch size", subject=str(archive))
     target = _cam_target(cam_class, card.class_names)
     fn = get_method(method)
     layer = resolve_layer(loaded.module, cam_layer, card.architecture["name"])
@@ -655,6 +649,20 @@ def _report(card: Any, archive: Any, method: str, cam_class: str, layer: str, pr
         "accuracy": float((pred == labels).mean()) if labels is not None else None,
         "patches": rows,
     }
+
+
+def load_model_and_patches(model: str | Path | None, archive: str | Path, n: int, split: str,
+                           device: str) -> tuple[Any, np.ndarray, np.ndarray | None]:
+    """The model and the first ``n`` patches of ``archive``, checked to have its patch size."""
+    from histotile.models.loading import load_model
+
+    loaded = load_model(model, device)
+    patches, labels = read_patches(archive, n, split)
+    if patches.shape[1] != loaded.card.patch_size:
+        raise InvalidArgumentError(
+            f"patches are {patches.shape[1]} px but the model expects {loaded.card.patch_size} px",
+            "pick a model made for this archive's patch size", subject=str(archive))
+    return loaded, patches, labels
 
 
 def read_patches(archive: str | Path, n: int, split: str = "test"
