@@ -17,23 +17,16 @@ pid, so no handle crosses a fork. With ``workers = 0`` a background *thread* rea
 (OpenSlide, JPEG decoding, resizing and torch ops release the GIL), so there is still overlap
 without a process fork.
 
-Default worker count (``default_workers``) and torch threads (``configure_threads``): on CUDA
-``min(8, cpus - 1)`` reader processes feed the GPU. On the CPU the model needs the cores, so
-reading runs in one background thread (no process) and torch gets the other cores
-(``torch.set_num_threads(max(1, cpus - max(workers, 1)))``). Measured on the 2-core dev machine
-(shared, load average ~10 during the runs, so absolute figures are pessimistic), CMU-1-Small-
-Region.svs, untrained smallcnn at 28 px, Macenko per slide, batch 256, min of 3 runs of
-``run_inference`` (tissue detection and model loading excluded)::
+Default reader count (``default_workers``): on CUDA ``min(8, cpus - 1)`` reader processes feed
+the GPU. On the CPU reading runs in one background thread (no process).
 
-    readers              torch threads   4 µm/px (42 patches)   1 µm/px (680 patches)
-    none (serial)        2               1.61 s                 3.69 s
-    1 thread             2               1.08 s                 3.71 s
-    1 thread  (default)  1               0.48 s                 2.06 s
-    1 process            1               0.66 s                 2.53 s
-    1 process            2               0.94 s                 5.22 s
-
-So the default on 2 CPUs is one reader thread + one torch thread; ``--workers N`` on the CPU
-gives torch ``cpus - N`` threads.
+CPU compute (``compute_plan``): two forward passes run at once in two threads (``streams``),
+each with ``cpus // 2`` torch threads (OpenMP/MKL thread counts are per calling thread, so
+each stream sets its own). PyTorch releases the GIL inside its ops, and two single-threaded
+ResNet-18 passes on 2 cores beat one two-threaded pass: 182 vs 149 patches/s (96 px, batch
+64, quiet 2-core machine, BENCHMARKS.md). Grad-CAM / attention hooks keep per-pass state,
+so explained runs use one stream with ``cpus - 1`` threads. On CUDA one stream queues
+batch ``k+1`` before fetching batch ``k``'s probabilities.
 """
 
 from __future__ import annotations
@@ -67,17 +60,44 @@ def default_workers(device: torch.device) -> int:
     return 0
 
 
-def configure_threads(device: torch.device, workers: int) -> int:
-    """Give torch the cores the readers (a thread when ``workers`` is 0) leave free; returns
-    the thread count set."""
-    n = cpu_count() if device.type != "cpu" else max(1, cpu_count() - max(workers, 1))
-    torch.set_num_threads(n)
-    return n
+@dataclass(frozen=True)
+class ComputePlan:
+    """``streams`` concurrent forward passes, each with ``threads`` torch intra-op threads."""
+
+    streams: int = 1
+    threads: int = 1
+
+
+def compute_plan(device: torch.device, workers: int, explain: bool = False) -> ComputePlan:
+    """How to spread the model over this machine's cores (see the module docstring).
+
+    ``workers`` reader processes take their cores; a reader thread (``workers`` 0) shares them.
+    """
+    cpus = cpu_count()
+    if device.type != "cpu":
+        return ComputePlan(1, cpus)
+    if explain:
+        return ComputePlan(1, max(1, cpus - max(workers, 1)))
+    free = max(1, cpus - max(workers, 0))
+    streams = 2 if free >= 2 else 1
+    return ComputePlan(streams, max(1, free // streams))
+
+
+def configure_threads(device: torch.device, workers: int, explain: bool = False) -> ComputePlan:
+    """Set this thread's torch thread count for ``compute_plan`` and return the plan."""
+    plan = compute_plan(device, workers, explain)
+    torch.set_num_threads(plan.threads)
+    return plan
 
 
 @dataclass
 class EngineStats:
-    """Counters and seconds for one run (``read_s``/``stain_s`` are summed over readers)."""
+    """Counters and seconds for one run.
+
+    ``read_s``/``stain_s``/``forward_s`` are summed over readers or streams (busy seconds);
+    ``model_s`` is the wall time the pipeline waited for the model (loading included) and
+    ``wait_s`` the time it waited for patches.
+    """
 
     patches: int = 0
     batches: int = 0
@@ -87,6 +107,8 @@ class EngineStats:
     wait_s: float = 0.0
     model_s: float = 0.0
     model_load_s: float = 0.0
+    forward_s: float = 0.0
+    streams: int = 1
 
     def to_dict(self) -> dict[str, float]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -155,12 +177,14 @@ class RegionDataset(torch.utils.data.Dataset):
 
 
 def _thread_prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
-    """Iterate ``items`` in a background thread, ``depth`` items ahead."""
+    """Iterate ``items`` in a background thread, ``depth`` items ahead (torch ops there, e.g.
+    stain normalisation, run single-threaded: the model has the cores)."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
     def run() -> None:
+        torch.set_num_threads(1)
         try:
             for item in items:
                 if stop.is_set():
@@ -208,13 +232,14 @@ def iter_regions(dataset: RegionDataset, workers: int) -> Iterator[tuple[Any, ..
 
 
 def rebatch(regions: Iterable[tuple[Any, ...]], batch_size: int, pin: bool = False,
-            stats: EngineStats | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+            stats: EngineStats | None = None, buffers: int = 2,
+            ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Variable-size regions → ``(idx, uint8 (b,P,P,3))`` batches of exactly ``batch_size``
-    (the last one shorter). Two reusable output buffers (pinned when ``pin``): a batch stays
-    valid until the next-but-one is requested."""
+    (the last one shorter). ``buffers`` reusable output buffers (pinned when ``pin``) in a
+    ring: a batch stays valid until ``buffers - 1`` more batches have been requested."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    buffers: list[torch.Tensor] = []
+    ring: list[torch.Tensor] = []
     cur, n = 0, 0
     idx_parts: list[np.ndarray] = []
     wait_t = time.perf_counter()
@@ -226,22 +251,23 @@ def rebatch(regions: Iterable[tuple[Any, ...]], batch_size: int, pin: bool = Fal
             if len(item) >= 4:
                 stats.read_s += float(item[2])
                 stats.stain_s += float(item[3])
-        if not buffers and len(idx):
+        if not ring and len(idx):
             shape = (batch_size, *patches.shape[1:])
-            buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+            ring = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+                    for _ in range(max(2, buffers))]
         start = 0
         while start < len(idx):
             take = min(batch_size - n, len(idx) - start)
-            buffers[cur][n:n + take].copy_(patches[start:start + take])
+            ring[cur][n:n + take].copy_(patches[start:start + take])
             idx_parts.append(idx[start:start + take])
             n += take
             start += take
             if n == batch_size:
-                yield np.concatenate(idx_parts), buffers[cur]
-                cur, n, idx_parts = cur ^ 1, 0, []
+                yield np.concatenate(idx_parts), ring[cur]
+                cur, n, idx_parts = (cur + 1) % len(ring), 0, []
         wait_t = time.perf_counter()
     if n:
-        yield np.concatenate(idx_parts), buffers[cur][:n]
+        yield np.concatenate(idx_parts), ring[cur][:n]
 
 
 # --------------------------------------------------------------------------- compute
@@ -258,18 +284,23 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
              stats: EngineStats | None = None,
              on_batch: Callable[[int], None] | None = None,
              explain: Callable[[Any], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
-             | None = None,
+             | None = None, plan: ComputePlan | None = None,
              ) -> Iterator[tuple[np.ndarray, ...]]:
-    """uint8 NHWC batches → ``(idx, probs float32 (b, classes))``.
+    """uint8 NHWC batches → ``(idx, probs float32 (b, classes))``, in input order.
 
     ``model`` is a ``LoadedModel`` or a zero-argument callable returning one, called when the
     first batch is ready (lazy loading). On CUDA batch ``k+1`` is queued before the
-    probabilities of batch ``k`` are copied back.
+    probabilities of batch ``k`` are copied back. With ``plan.streams > 1`` (CPU, no
+    ``explain``) that many batches are in flight at once, each in its own thread; the caller
+    must keep ``plan.streams`` batches valid (``rebatch(..., buffers=streams + 1)``).
 
     ``explain``: ``factory(loaded) -> fn(x) -> (maps (b, h, w), probs (b, classes))``, built once
     the model is loaded (e.g. a :class:`histotile.explain.GradCAM`); its pass replaces the plain
     forward (probabilities from the same pass) and items become ``(idx, probs, maps float32)``.
     """
+    if plan is not None and plan.streams > 1 and explain is None and device.type == "cpu":
+        yield from _classify_streams(batches, model, device, plan, stats, on_batch)
+        return
     from histotile.models.loading import preprocess
 
     loaded = None
@@ -280,11 +311,8 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
     with torch.inference_mode() if explain is None else torch.no_grad():
         for idx, batch in batches:
             if loaded is None:
-                t0 = time.perf_counter()
-                loaded = model() if callable(model) else model
+                loaded = _load(model, stats)
                 explainer = explain(loaded) if explain is not None else None
-                if stats is not None:
-                    stats.model_load_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             x = preprocess(batch, loaded.card, device)
             with ctx:
@@ -308,12 +336,76 @@ def _finish(item: tuple[Any, ...], stats: EngineStats | None, t0: float,
     idx, *tensors = item
     out = [t.detach().to("cpu").float().numpy() for t in tensors]
     if stats is not None:
-        stats.model_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        stats.model_s += seconds
+        stats.forward_s += seconds
         stats.batches += 1
         stats.patches += len(idx)
     if on_batch is not None:
         on_batch(len(idx))
     return (idx, *out)
+
+
+def _load(model: Any, stats: EngineStats | None) -> Any:
+    t0 = time.perf_counter()
+    loaded = model() if callable(model) else model
+    if stats is not None:
+        stats.model_load_s += time.perf_counter() - t0
+        stats.model_s += time.perf_counter() - t0
+    return loaded
+
+
+def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model: Any,
+                      device: torch.device, plan: ComputePlan, stats: EngineStats | None,
+                      on_batch: Callable[[int], None] | None) -> Iterator[tuple[np.ndarray, ...]]:
+    """CPU forward passes in ``plan.streams`` threads; results in input order."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from histotile.models.loading import preprocess
+
+    loaded: Any = None
+
+    def forward(batch: torch.Tensor) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            probs = torch.softmax(loaded.module(preprocess(batch, loaded.card, device)).float(),
+                                  dim=1)
+        return probs.numpy(), time.perf_counter() - t0
+
+    inflight: deque[tuple[np.ndarray, Future[tuple[np.ndarray, float]]]] = deque()
+    pool = ThreadPoolExecutor(plan.streams, thread_name_prefix="histotile-model",
+                              initializer=torch.set_num_threads, initargs=(plan.threads,))
+
+    def collect() -> tuple[np.ndarray, np.ndarray]:
+        idx, future = inflight.popleft()
+        t0 = time.perf_counter()
+        probs, busy = future.result()
+        if stats is not None:
+            stats.model_s += time.perf_counter() - t0
+            stats.forward_s += busy
+            stats.batches += 1
+            stats.patches += len(idx)
+        if on_batch is not None:
+            on_batch(len(idx))
+        return idx, probs
+
+    try:
+        for idx, batch in batches:
+            if loaded is None:
+                loaded = _load(model, stats)
+                if stats is not None:
+                    stats.streams = plan.streams
+            t0 = time.perf_counter()
+            inflight.append((idx, pool.submit(forward, batch)))
+            if stats is not None:
+                stats.model_s += time.perf_counter() - t0
+            if len(inflight) >= plan.streams:
+                yield collect()
+        while inflight:
+            yield collect()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], model: Any,
@@ -323,19 +415,23 @@ def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], mod
                   on_batch: Callable[[int], None] | None = None,
                   reader: Callable[[Any, Any, Any], tuple[np.ndarray, np.ndarray]] | None = None,
                   explain: Callable[[Any], Any] | None = None,
+                  plan: ComputePlan | None = None,
                   ) -> Iterator[tuple[np.ndarray, ...]]:
     """Stream ``(idx, coords (b,2) level-0 x,y, probs float32 (b, classes))`` over ``regions``
     (plus ``maps float32 (b, h, w)`` last with ``explain``: see :func:`classify`).
 
     ``idx`` are row numbers into ``grid.coords``/``grid.indices``. Memory is bounded by
-    ``batch_size`` and the readers' prefetch, never by the slide.
+    ``batch_size`` times the batches in flight and the readers' prefetch, never by the slide.
+    ``plan`` (default: a single stream in the calling thread) spreads the model over cores.
     """
     if workers is None:
         workers = default_workers(device)
+    streams = plan.streams if plan is not None and explain is None else 1
     dataset = RegionDataset(slide_spec, grid, regions, stain=stain, reader=reader)
     regions_it = iter_regions(dataset, workers)
-    batches = rebatch(regions_it, batch_size, pin=device.type == "cuda", stats=stats)
+    batches = rebatch(regions_it, batch_size, pin=device.type == "cuda", stats=stats,
+                      buffers=streams + 1)
     coords = np.asarray(grid.coords)
     for idx, *out in classify(batches, model, device, stats=stats, on_batch=on_batch,
-                              explain=explain):
+                              explain=explain, plan=plan):
         yield (idx, coords[idx], *out)

@@ -161,6 +161,7 @@ class PredictSettings:
     qupath_merge: bool = False
     ome_tiff: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    compute: Any = None  # engine.ComputePlan, set once per process before the first item
 
     @property
     def stain_method(self) -> str:
@@ -323,13 +324,20 @@ def predict_slide(item: Path, tmp_dir: Path, settings: PredictSettings) -> dict[
         "stain": stain_info,
         "settings": {"batch_size": settings.batch_size, "workers": effective_workers(settings),
                      "min_tissue": settings.min_tissue, "overlap": settings.overlap,
-                     "backend": slide_info.get("backend")},
+                     "backend": slide_info.get("backend"),
+                     "pixel_reader": slide_info.get("pixel_reader"),
+                     "compute": _compute_info(settings)},
         "slide_info": slide_info,
         "engine": stats.to_dict(),
         "timings": timer.rounded(),
         **extra_info,
         "files": sorted([p.name for p in tmp_dir.iterdir()] + ["run.json"]),
     }
+
+
+def _compute_info(settings: PredictSettings) -> dict[str, int] | None:
+    plan = settings.compute
+    return None if plan is None else {"streams": plan.streams, "torch_threads": plan.threads}
 
 
 def effective_workers(settings: PredictSettings) -> int:
@@ -374,7 +382,7 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                 slide.spec, grid, regions, settings.model, settings.model.device,
                 batch_size=settings.batch_size, workers=settings.workers, stain=stain,
                 stats=stats, on_batch=bar.update if bar is not None else None,
-                explain=explain):
+                explain=explain, plan=settings.compute):
             labels[idx] = probs.argmax(axis=1)
             extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and settings.gradcam
                      else None)
@@ -562,7 +570,7 @@ def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dic
                 fh.write(_archive_header(card.class_names, archive) + "\n")
                 batches = _archive_batches(archive, settings.batch_size, stain, stats)
                 for idx, probs in classify(batches, settings.model, settings.model.device,
-                                           stats=stats,
+                                           stats=stats, plan=settings.compute,
                                            on_batch=bar.update if bar is not None else None):
                     with timer("export"):
                         pred[idx] = probs.argmax(axis=1)
@@ -577,7 +585,7 @@ def predict_archive(item: Path, tmp_dir: Path, settings: PredictSettings) -> dic
             **_environment(settings), "kind": archive.kind, "patches": len(archive),
             "split": archive.split if archive.kind == "medmnist-npz" else None,
             "model": settings.model.describe(), "stain": stain_info,
-            "settings": {"batch_size": settings.batch_size},
+            "settings": {"batch_size": settings.batch_size, "compute": _compute_info(settings)},
             "engine": stats.to_dict(), "timings": timer.rounded(),
             "files": ["predictions.csv", "run.json"],
         }
@@ -673,7 +681,9 @@ def make_predict_process(options: dict[str, Any]) -> Any:
         if not configured:  # torch is imported only once there is work to do
             from histotile.engine import configure_threads
 
-            configure_threads(settings.model.device, effective_workers(settings))
+            settings.compute = configure_threads(
+                settings.model.device, effective_workers(settings),
+                explain=settings.gradcam or settings.attention)
             configured.append(True)
         setup = time.perf_counter() - t0
         if is_archive(item):

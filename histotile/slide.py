@@ -3,6 +3,12 @@
 Coordinates are level-0 pixels, top-left origin, (x, y). A level pixel ``l`` maps to level-0
 ``ceil(l * downsample)`` and back with ``floor(x0 / downsample)``, so integer level positions
 survive the round trip on every level (also where the downsample is not an integer).
+
+``backend="auto"`` opens a slide with OpenSlide when it knows the vendor format, with tiffslide
+for TIFF flavours OpenSlide reads badly (OME, QPTIFF) or not at all. Where OpenSlide opened an
+Aperio SVS or a generic tiled TIFF, the pixels are decoded tile by tile with tifffile
+(:mod:`histotile.tiff_tiles`), 3-5x faster on these files and the same pixels; metadata stays
+OpenSlide's. An explicit ``backend`` uses that library for everything.
 """
 
 from __future__ import annotations
@@ -88,6 +94,20 @@ def pick_backend(path: Path) -> str:
     return "tiffslide"
 
 
+FAST_READ_VENDORS = ("aperio", "generic-tiff")
+
+
+def _fast_pixel_reader(path: Path, slide: Slide) -> Any:
+    """A direct tile reader (:mod:`histotile.tiff_tiles`) for this OpenSlide-opened slide, or
+    None: Aperio SVS and generic tiled TIFF only, where it decodes the same pixels 3-5x faster.
+    Metadata (vendor, mpp and its source) stays OpenSlide's."""
+    if slide.vendor not in FAST_READ_VENDORS or slide.ycbcr_fix:
+        return None
+    from histotile.tiff_tiles import open_tile_reader
+
+    return open_tile_reader(path, slide.level_dimensions)
+
+
 def _not_a_slide(path: Path, exc: Exception) -> Exception:
     if path.suffix.lower() in SLIDE_SUFFIXES:
         return CorruptSlideError(
@@ -155,6 +175,8 @@ class Slide:
         self.objective_power = _float(props.get(f"{backend}.objective-power"))
         self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
         self.ycbcr_fix = backend == "openslide" and _dicom_jpeg_labelled_rgb(path, props)
+        self.requested_backend = backend
+        self._pixels: Any = None  # a faster reader for the same pixels (see open_slide)
         if self.ycbcr_fix:
             log.info("%s: DICOM JPEG frames hold YCbCr but are labelled RGB; converting",
                      self.path)
@@ -196,8 +218,13 @@ class Slide:
     @property
     def spec(self) -> dict[str, Any]:
         """Picklable arguments that reopen this slide: ``open_slide(**slide.spec)``."""
-        return {"path": str(self.path), "backend": self.backend,
+        return {"path": str(self.path), "backend": self.requested_backend,
                 "slide_mpp": self._override}
+
+    @property
+    def pixel_reader(self) -> str:
+        """What decodes the pixels: the backend, or "tifffile-tiles" (the fast path)."""
+        return "tifffile-tiles" if self._pixels is not None else self.backend
 
     def require_mpp(self) -> float:
         """Level-0 microns per pixel (mean of x and y); :class:`MissingMppError` when unknown."""
@@ -234,7 +261,8 @@ class Slide:
             levels.append({"level": i, "width": dims[0], "height": dims[1], "downsample": ds,
                            "mpp": mpp})
         return {
-            "path": str(self.path), "backend": self.backend, "vendor": self.vendor,
+            "path": str(self.path), "backend": self.backend, "pixel_reader": self.pixel_reader,
+            "vendor": self.vendor,
             "width": self.dimensions[0], "height": self.dimensions[1],
             "level_count": self.level_count, "levels": levels,
             "mpp_x": self.mpp[0] if self.mpp else None,
@@ -256,9 +284,9 @@ class Slide:
             raise InvalidArgumentError(f"region size {size} is empty", "use a positive size",
                                        subject=str(self.path))
         try:
-            if self.backend == "openslide":
+            if self.backend == "openslide" and self._pixels is None:
                 return self._read_openslide(location, level, (w, h))
-            return self._read_tiffslide(location, level, (w, h))
+            return self._read_clipped(location, level, (w, h))
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, InvalidArgumentError):
                 raise
@@ -275,7 +303,7 @@ class Slide:
             return np.asarray(img.convert("RGB"))
         return _composite_white(np.asarray(img))
 
-    def _read_tiffslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
+    def _read_clipped(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         lx, ly = level0_to_level(loc[0], ds), level0_to_level(loc[1], ds)
@@ -283,6 +311,9 @@ class Slide:
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + size[0], lw), min(ly + size[1], lh)
         if x1 <= x0 or y1 <= y0:
+            return out
+        if self._pixels is not None:
+            self._pixels.read(level, x0, y0, x1, y1, out=out[y0 - ly:y1 - ly, x0 - lx:x1 - lx])
             return out
         arr = self._h.read_region((level_to_level0(x0, ds), level_to_level0(y0, ds)), level,
                                   (x1 - x0, y1 - y0), as_array=True)
@@ -345,10 +376,13 @@ class Slide:
 
     # --- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        try:
-            self._h.close()
-        except Exception:  # noqa: BLE001
-            pass
+        for handle in (self._h, self._pixels):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._pixels = None
 
     def __enter__(self) -> Slide:
         return self
@@ -494,6 +528,9 @@ def open_slide(path: str | Path, backend: str = "auto",
     tiff_log.setLevel(logging.ERROR)
     try:
         slide = Slide(file, chosen, handle, slide_mpp=slide_mpp, source_path=path)
+        slide.requested_backend = backend
+        if backend == "auto" and chosen == "openslide":
+            slide._pixels = _fast_pixel_reader(file, slide)
     except Exception as exc:
         handle.close()
         if isinstance(exc, HistotileError):

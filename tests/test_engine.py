@@ -128,3 +128,36 @@ def test_results_do_not_depend_on_workers_or_batch_size(setup) -> None:  # noqa:
     np.testing.assert_array_equal(runs[0][1], grid.coords)
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     np.testing.assert_allclose(runs[0][2], runs[1][2], atol=1e-5)
+
+
+def test_compute_plan_spreads_streams_over_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import histotile.engine as engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for cpus, workers, explain, want in ((2, 0, False, (2, 1)), (16, 0, False, (2, 8)),
+                                         (16, 4, False, (2, 6)), (1, 0, False, (1, 1)),
+                                         (2, 0, True, (1, 1)), (8, 0, True, (1, 7))):
+        monkeypatch.setattr(engine, "cpu_count", lambda n=cpus: n)
+        plan = engine.compute_plan(cpu, workers, explain)
+        assert (plan.streams, plan.threads) == want, (cpus, workers, explain)
+    assert engine.compute_plan(cuda, 4).streams == 1
+
+
+def test_parallel_streams_give_the_same_results_in_order(setup) -> None:  # noqa: ANN001
+    from histotile.engine import ComputePlan
+    from histotile.models.loading import load_model
+
+    slide, grid, regions, model = setup
+    loaded = load_model(model, "cpu")
+    runs = {}
+    for streams in (1, 3):
+        stats = EngineStats()
+        # batch 5: many small batches, so several sit in the buffer ring at once
+        out = list(run_inference(slide.spec, grid, regions, loaded, torch.device("cpu"),
+                                 batch_size=5, workers=0, stats=stats,
+                                 plan=ComputePlan(streams, 1)))
+        runs[streams] = (np.concatenate([o[0] for o in out]), np.concatenate([o[2] for o in out]))
+        assert stats.patches == len(grid) and stats.streams == streams
+        assert stats.forward_s > 0 and stats.model_s > 0
+    np.testing.assert_array_equal(runs[1][0], runs[3][0])  # same order, not only same set
+    np.testing.assert_allclose(runs[1][1], runs[3][1], atol=1e-6)

@@ -114,6 +114,66 @@ def test_backends_give_identical_pixels(name):
                 np.testing.assert_array_equal(a, b, err_msg=f"{name} level {lo} at {loc}")
 
 
+def _generated_pyramid(path, source, compression="jpeg", tile=(256, 256), photometric="rgb"):
+    """Generated edge case: a 3-level tiled generic TIFF (levels by 2) of real CMU pixels."""
+    with open_slide(source, backend="openslide") as s:
+        base = s.read_region((0, 0), 0, (1536, 1280))
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(3):
+            img = base[:: 2**k, :: 2**k]
+            tw.write(img, tile=tile, compression=compression, photometric=photometric,
+                     resolution=(1e4 / 0.5 / 2**k,) * 2, resolutionunit="CENTIMETER",
+                     subfiletype=1 if k else 0)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["svs", "boxes", "jpeg-rgb", "jpeg-ycbcr", "deflate", "lzw"])
+def test_auto_reads_pixels_fast_and_identical(kind, cmu_small, boxes, tmp_path):
+    """The direct tile reader (auto on SVS / generic tiled TIFF) gives OpenSlide's pixels."""
+    if kind in ("svs", "boxes"):
+        path = cmu_small if kind == "svs" else boxes
+    else:
+        comp, _, photo = kind.partition("-")
+        path = _generated_pyramid(tmp_path / "p.tif", cmu_small, compression=comp,
+                                  tile=(128, 128) if comp == "lzw" else (256, 256),
+                                  photometric=photo or "rgb")
+    with (open_slide(path) as auto, open_slide(path, backend="openslide") as ref,
+          open_slide(path, backend="tiffslide") as exact):
+        assert auto.backend == "openslide" and auto.pixel_reader == "tifffile-tiles"
+        assert ref.pixel_reader == "openslide"
+        assert auto.info()["pixel_reader"] == "tifffile-tiles" and auto.mpp == ref.mpp
+        assert auto.spec["backend"] == "auto"
+        for level in range(ref.level_count):
+            ds = ref.level_downsamples[level]
+            # OpenSlide blends neighbouring pixels at fractional level positions (non-integer
+            # downsamples); there the reader must give the level's own pixels, as tiffslide
+            other = ref if ds == int(ds) else exact
+            w, h = ref.level_dimensions[level]
+            for lx, ly, size in [(w // 3, h // 4, (301, 257)), (w - 100, h - 50, (256, 256)),
+                                 (-17, -9, (64, 80)), (0, 0, (w, h))]:
+                loc = (level_to_level0(lx, ds), level_to_level0(ly, ds))
+                np.testing.assert_array_equal(auto.read_region(loc, level, size),
+                                              other.read_region(loc, level, size),
+                                              err_msg=f"{kind} level {level} at {loc}")
+    with open_slide(path, backend="openslide") as forced:
+        assert forced.pixel_reader == "openslide" and forced.spec["backend"] == "openslide"
+
+
+def test_layouts_the_tile_reader_does_not_know_keep_their_library(cmu_small, ndpi, tmp_path):
+    with open_slide(ndpi) as auto, open_slide(ndpi, backend="openslide") as ref:
+        assert auto.pixel_reader == "openslide"
+        np.testing.assert_array_equal(auto.read_region((5, 7), 0, (300, 200)),
+                                      ref.read_region((5, 7), 0, (300, 200)))
+    striped = tmp_path / "striped.tif"  # generated edge case: one untiled page
+    with open_slide(cmu_small, backend="openslide") as s:
+        pixels = s.read_region((0, 0), 0, (640, 480))
+    tifffile.imwrite(striped, pixels, photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(striped) as auto:
+        assert auto.pixel_reader == auto.backend == "tiffslide"
+        np.testing.assert_array_equal(auto.read_region((0, 0), 0, (640, 480)), pixels)
+
+
 def test_dicom_matches_svs_geometry_and_pixels(cmu_small, dicom_dir):
     """DICOM is OpenSlide-only. This wsi2dcm file labels YCbCr JPEG frames (JFIF, 4:2:0) as
     RGB and OpenSlide 4.0 honours the label; the JPEG header gives it away and the slide
