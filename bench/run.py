@@ -285,7 +285,7 @@ def run_all(args: argparse.Namespace, tools: list[str], mask: Path | None
         if not args.keep_outputs:
             shutil.rmtree(out, ignore_errors=True)
         if r >= 0 and tool == tools[-1] and not args.no_model_alone:
-            alone = model_alone(args.model_dir, args.batch_size)
+            alone = model_alone(args.model_dir, args.batch_size, args.model_alone_seconds)
             results.setdefault("model-alone", []).append(alone)
             print(f"  model alone  {label}: {alone.get('patches_per_s', float('nan')):.1f} "
                   f"patches/s (one pass at a time {alone.get('one_stream_per_s', 0):.1f}); "
@@ -442,6 +442,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="TIAToolbox patches: WSInfer's centres, or its own auto mask")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--no-model-alone", action="store_true")
+    ap.add_argument("--model-alone-seconds", type=float, default=8.0,
+                    help="seconds of forward passes per model-alone configuration")
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--from-json", type=Path, default=None,
                     help="only re-render the report of an earlier results.json")
@@ -451,6 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.size = min(args.size, 2048)
         args.runs, args.warmup = 1, 0
+        args.model_alone_seconds = 0.5
         args.slide = args.slide or HERE / "out" / f"quick{args.size}.tif"
     args.slide = (args.slide or HERE / "out" / "bench20k.tif").resolve()
     args.model_dir = args.model_dir.resolve()

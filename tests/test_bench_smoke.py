@@ -138,7 +138,7 @@ def test_run_quick_runs_histotile(source: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--quick", "--size", "1024", "--slide",
          str(slide), "--model-dir", str(tmp_path / "model"), "--out", str(out),
-         "--tools", "histotile", "--no-model-alone"],
+         "--tools", "histotile"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "HISTOTILE_BENCH_SOURCE": str(source)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -146,4 +146,22 @@ def test_run_quick_runs_histotile(source: Path, tmp_path: Path) -> None:
     row = result["rows"]["histotile"]
     assert row["patches"] > 0 and row["runs"] == 1
     assert set(row["stages"]) >= {"tissue", "read", "model", "stitch", "export"}
-    assert "| histotile |" in (out / "results.md").read_text()
+    alone = result["model_alone"]  # both ways of running the model, and the startup cost
+    assert alone["plan_per_s"] > 0 and alone["one_stream_per_s"] > 0
+    assert alone["patches_per_s"] == max(alone["plan_per_s"], alone["one_stream_per_s"])
+    assert alone["startup_s"] > alone["bare_start_s"] > 0
+    report = (out / "results.md").read_text()
+    assert "| histotile |" in report and "paid once per process" in report
+
+
+def test_bench_read_checks_pixels_and_prints_ratios(cmu_small: Path) -> None:
+    bench_read = _load("bench_read")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_read.py"), str(cmu_small), "--region", "512",
+         "--count", "3", "--runs", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "pixel reader tifffile-tiles" in proc.stdout
+    assert "| histotile auto |" in proc.stdout and "| openslide | " in proc.stdout
+    assert bench_read.regions((2220, 2967), 1024, 4) == [(0, 0), (1024, 0), (0, 1024),
+                                                         (1024, 1024)]

@@ -27,9 +27,9 @@ def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
 
 def label_image(shape: tuple[int, int], thumb_downsample: float, coords: np.ndarray,
                 patch_size_level0: float | Sequence[float], labels: np.ndarray) -> np.ndarray:
-    """(h, w) int array at thumbnail scale: the class index of the patch covering each pixel,
-    -1 where no patch. Later patches win where patches overlap."""
-    out = np.full(shape, -1, np.int32)
+    """(h, w) int16 array at thumbnail scale: the class index of the patch covering each
+    pixel, -1 where no patch. Later patches win where patches overlap."""
+    out = np.full(shape, -1, np.int16)
     pw, ph = (patch_size_level0 if np.ndim(patch_size_level0) else (patch_size_level0,) * 2)
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     x0 = np.floor(coords[:, 0] / thumb_downsample).astype(int)
@@ -102,9 +102,14 @@ def write_overlay(path: str | Path, thumbnail: np.ndarray, thumb_downsample: flo
         thumb_downsample = thumb_downsample * np.asarray(thumbnail).shape[1] / w
     lab = label_image((h, w), thumb_downsample, coords, patch_size_level0, labels)
     palette = np.asarray([list(c)[:3] for c in class_colors], dtype=np.float32)
-    out = thumb.astype(np.float32)
-    hit = lab >= 0
-    out[hit] = (1 - alpha) * out[hit] + alpha * palette[lab[hit]]
+    out = np.empty((h, w, 3), np.uint8)
+    rows = max(1, (1 << 20) // max(w, 1))  # blend ~1 Mpx at a time: float copies stay small
+    for y in range(0, h, rows):
+        block, blab = thumb[y:y + rows].astype(np.float32), lab[y:y + rows]
+        hit = blab >= 0
+        block[hit] = (1 - alpha) * block[hit] + alpha * palette[blab[hit]]
+        out[y:y + rows] = np.rint(block)
+    del lab
     if tissue_mask is not None:
         mask = np.asarray(tissue_mask, bool)
         if mask.shape != (h, w):
@@ -112,6 +117,5 @@ def write_overlay(path: str | Path, thumbnail: np.ndarray, thumb_downsample: flo
                 (w, h), Image.Resampling.NEAREST)) > 0
         out[_outline(mask, max(1, round(min(h, w) / 300)))] = outline_color
     counts = np.bincount(np.asarray(labels, int), minlength=len(class_names))
-    image = _legend(Image.fromarray(np.rint(out).astype(np.uint8)), class_names, class_colors,
-                    counts.tolist())
+    image = _legend(Image.fromarray(out), class_names, class_colors, counts.tolist())
     return _save_png(image, path)
