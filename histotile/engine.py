@@ -335,23 +335,31 @@ def _finish(item: tuple[Any, ...], stats: EngineStats | None, t0: float,
             on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, ...]:
     idx, *tensors = item
     out = [t.detach().to("cpu").float().numpy() for t in tensors]
-    if stats is not None:
-        seconds = time.perf_counter() - t0
-        stats.model_s += seconds
-        stats.forward_s += seconds
-        stats.batches += 1
-        stats.patches += len(idx)
-    if on_batch is not None:
-        on_batch(len(idx))
+    seconds = time.perf_counter() - t0
+    _count(stats, on_batch, len(idx), waited=seconds, busy=seconds)
     return (idx, *out)
+
+
+def _count(stats: EngineStats | None, on_batch: Callable[[int], None] | None, n: int,
+           waited: float, busy: float) -> None:
+    """Book one finished batch of ``n`` patches: ``waited`` s of pipeline wall time on the
+    model, ``busy`` s of forward pass."""
+    if stats is not None:
+        stats.model_s += waited
+        stats.forward_s += busy
+        stats.batches += 1
+        stats.patches += n
+    if on_batch is not None:
+        on_batch(n)
 
 
 def _load(model: Any, stats: EngineStats | None) -> Any:
     t0 = time.perf_counter()
     loaded = model() if callable(model) else model
     if stats is not None:
-        stats.model_load_s += time.perf_counter() - t0
-        stats.model_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        stats.model_load_s += seconds
+        stats.model_s += seconds
     return loaded
 
 
@@ -381,13 +389,7 @@ def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model:
         idx, future = inflight.popleft()
         t0 = time.perf_counter()
         probs, busy = future.result()
-        if stats is not None:
-            stats.model_s += time.perf_counter() - t0
-            stats.forward_s += busy
-            stats.batches += 1
-            stats.patches += len(idx)
-        if on_batch is not None:
-            on_batch(len(idx))
+        _count(stats, on_batch, len(idx), waited=time.perf_counter() - t0, busy=busy)
         return idx, probs
 
     try:

@@ -7,7 +7,7 @@ survive the round trip on every level (also where the downsample is not an integ
 ``backend="auto"`` opens a slide with OpenSlide when it knows the vendor format, with tiffslide
 for TIFF flavours OpenSlide reads badly (OME, QPTIFF) or not at all. Where OpenSlide opened an
 Aperio SVS or a generic tiled TIFF, the pixels are decoded tile by tile with tifffile
-(:mod:`histotile.tiff_tiles`), 3-5x faster on these files and the same pixels; metadata stays
+(:mod:`histotile.tiff_tiles`), 3-4x faster on these files and the same pixels; metadata stays
 OpenSlide's. An explicit ``backend`` uses that library for everything.
 """
 
@@ -99,7 +99,7 @@ FAST_READ_VENDORS = ("aperio", "generic-tiff")
 
 def _fast_pixel_reader(path: Path, slide: Slide) -> Any:
     """A direct tile reader (:mod:`histotile.tiff_tiles`) for this OpenSlide-opened slide, or
-    None: Aperio SVS and generic tiled TIFF only, where it decodes the same pixels 3-5x faster.
+    None: Aperio SVS and generic tiled TIFF only, where it decodes the same pixels 3-4x faster.
     Metadata (vendor, mpp and its source) stays OpenSlide's."""
     if slide.vendor not in FAST_READ_VENDORS or slide.ycbcr_fix:
         return None
@@ -157,7 +157,8 @@ class Slide:
     """An open slide: metadata, mpp with its source and RGB region reads (see docs/CONTRACTS.md)."""
 
     def __init__(self, path: Path, backend: str, handle: Any, slide_mpp: float | None = None,
-                 source_path: str | Path | None = None) -> None:
+                 source_path: str | Path | None = None, requested_backend: str | None = None,
+                 ) -> None:
         self.path = Path(source_path) if source_path is not None else path
         self.file = path
         self.backend = backend
@@ -175,8 +176,11 @@ class Slide:
         self.objective_power = _float(props.get(f"{backend}.objective-power"))
         self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
         self.ycbcr_fix = backend == "openslide" and _dicom_jpeg_labelled_rgb(path, props)
-        self.requested_backend = backend
-        self._pixels: Any = None  # a faster reader for the same pixels (see open_slide)
+        self.requested_backend = requested_backend or backend
+        # the fast path for the same pixels (module docstring); only when ``auto`` chose OpenSlide
+        self._pixels: Any = (_fast_pixel_reader(path, self)
+                             if self.requested_backend == "auto" and backend == "openslide"
+                             else None)
         if self.ycbcr_fix:
             log.info("%s: DICOM JPEG frames hold YCbCr but are labelled RGB; converting",
                      self.path)
@@ -527,10 +531,8 @@ def open_slide(path: str | Path, backend: str = "auto",
     level = tiff_log.level
     tiff_log.setLevel(logging.ERROR)
     try:
-        slide = Slide(file, chosen, handle, slide_mpp=slide_mpp, source_path=path)
-        slide.requested_backend = backend
-        if backend == "auto" and chosen == "openslide":
-            slide._pixels = _fast_pixel_reader(file, slide)
+        slide = Slide(file, chosen, handle, slide_mpp=slide_mpp, source_path=path,
+                      requested_backend=backend)
     except Exception as exc:
         handle.close()
         if isinstance(exc, HistotileError):

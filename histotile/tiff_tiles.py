@@ -10,7 +10,6 @@ reader does not know are left to the slide's own library (:func:`open_tile_reade
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from pathlib import Path
@@ -70,12 +69,12 @@ class TiffTileReader:
 def open_tile_reader(path: str | Path,
                      level_dimensions: list[tuple[int, int]]) -> TiffTileReader | None:
     """A reader for ``path`` when its first series is a pyramid with exactly these level
-    sizes, tiled, 8-bit RGB (contiguous), in a compression OpenSlide decodes alike; else None."""
+    sizes, tiled, 8-bit RGB (contiguous), in a compression OpenSlide decodes alike; else None.
+    (``open_slide`` quiets tifffile's logger around this.)"""
     import tifffile
 
     tif = None
     try:
-        logging.getLogger("tifffile").setLevel(logging.ERROR)
         tif = tifffile.TiffFile(str(path))
         pages = [level.keyframe for level in tif.series[0].levels]
         ok = len(pages) == len(level_dimensions) and all(
