@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "open_slide": "histotile.slide:open_slide",
     "tile": "histotile.tile:tile",
-    "predict": "histotile.predict:predict",
+    "predict": "histotile.inference:predict",
     "train": "histotile.train:train",
     "evaluate": "histotile.train:evaluate",
     "HistotileError": "histotile.errors:HistotileError",

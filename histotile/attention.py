@@ -202,7 +202,7 @@ def explain_attention(model: str | Path | None, archive: str | Path, out_dir: st
     import torch
 
     from histotile.explain import load_model_and_patches
-    from histotile.train.loop import BatchPipeline
+    from histotile.models.preprocess import BatchPipeline
 
     loaded, patches, labels = load_model_and_patches(model, archive, n, split, device)
     card = loaded.card

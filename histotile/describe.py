@@ -91,7 +91,7 @@ def model_embeddings(model: str | Path, images: np.ndarray, device: str = "auto"
     from tqdm import tqdm
 
     from histotile.models.loading import load_model
-    from histotile.train.loop import BatchPipeline
+    from histotile.models.preprocess import BatchPipeline
 
     loaded = load_model(model, device)
     card = loaded.card

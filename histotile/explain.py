@@ -562,13 +562,13 @@ def explain(model: str | Path | None, archive: str | Path, out_dir: str | Path, 
     Returns the report dict (also the JSON's content when written)."""
     import torch
 
-    from histotile.train.loop import BatchPipeline
+    from histotile.models.preprocess import BatchPipeline
 
     loaded, patches, labels = load_model_and_patches(model, archive, n, split, device)
     card = loaded.card
     target = _cam_target(cam_class, card.class_names)
     fn = get_method(method)
-    layer = resolve_layer(loaded.module, cam_layer, card.architecture["name"])
+    layer = resolve_layer(loaded.module, cam_layer, card.architecture.name)
     pipe = BatchPipeline(card, loaded.device)
     cams_l, probs_l = [], []
     for s in range(0, len(patches), batch_size):

@@ -8,12 +8,27 @@ import sys
 
 def test_entry_points_callable_after_submodule_import() -> None:
     code = (
-        "import histotile.tile, histotile.predict, histotile.train, histotile\n"
+        "import histotile.tile, histotile.inference, histotile.train, histotile\n"
         "assert callable(histotile.tile) and callable(histotile.predict)\n"
         "assert callable(histotile.train) and callable(histotile.evaluate)\n"
         "assert histotile.train.train is histotile.train.loop.train\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_issue16_predict_is_a_plain_function() -> None:
+    """``histotile.predict`` is the function itself (no callable-module trick): importing the
+    package that holds it cannot shadow it."""
+    code = (
+        "import types, histotile.inference, histotile.cli.predict, histotile\n"
+        "assert isinstance(histotile.predict, types.FunctionType), type(histotile.predict)\n"
+        "assert histotile.predict is histotile.inference.predict\n"
+        "import inspect\n"
+        "params = inspect.signature(histotile.predict).parameters\n"
+        "assert list(params)[:3] == ['inputs', 'out_dir', 'options'], list(params)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 def test_help_imports_no_heavy_library() -> None:

@@ -56,12 +56,12 @@ def test_trains_on_pathmnist_and_predicts_on_slide(arch: str, small_npz: Path, t
                                                    cmu_small: Path) -> None:
     import torch
 
+    from histotile import predict
     from histotile.models.loading import load_model
-    from histotile.predict import predict
 
     folder = _train(small_npz, tmp_path / arch, arch)
     loaded = load_model(folder, "cpu")
-    assert loaded.card.architecture["name"] == arch
+    assert loaded.card.architecture.name == arch
     assert loaded.card.patch_size == 28
     # the weights moved away from the seed-0 initialisation train() starts from
     from histotile.models.architectures import build_model
@@ -335,5 +335,5 @@ def test_train_with_pretrained_imagenet(served_entry: tuple[Path, str], small_np
     _, sha = served_entry
     monkeypatch.setenv("HISTOTILE_CACHE", str(tmp_path / "cache"))
     folder = _train(small_npz, tmp_path / "m", "efficientnet-b0", pretrained="imagenet")
-    info = load_card(folder).training["pretrained"]
+    info = load_card(folder).training.pretrained
     assert info["sha256"] == sha and info["loaded"] > 300

@@ -93,7 +93,7 @@ def test_export_model_gives_the_same_network_to_every_tool(tmp_path: Path) -> No
     dirs = export.export_all(tmp_path / "model", seed=0)
     st = load_model(dirs["histotile"], "cpu")
     ts = load_model(dirs["histotile-ts"], "cpu")
-    assert st.card.architecture["name"] == "resnet18" and st.card.num_classes == 2
+    assert st.card.architecture.name == "resnet18" and st.card.num_classes == 2
     x = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -128,7 +128,7 @@ def test_batch_options_decorator(monkeypatch) -> None:
     @click.command()
     @batch_options
     def cmd(**kwargs) -> None:
-        seen.update(pop_batch_options(kwargs))
+        seen.update(pop_batch_options(kwargs).run_items_kwargs())
         seen["left"] = kwargs
 
     args = ["--shard", "1/3", "--executor", "dask-jobqueue", "--jobs", "4", "--overwrite",

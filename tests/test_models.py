@@ -101,7 +101,7 @@ def test_load_model_and_preprocess(tmp_path: Path) -> None:
     folder = _make_model(tmp_path / "m")
     loaded = load_model(folder)
     assert not loaded.module.training
-    assert loaded.weights_sha256 == loaded.card.weights["sha256"]
+    assert loaded.weights_sha256 == loaded.card.weights.sha256
     patches = np.load(real_data("patches/pathmnist_train_first1000.npz"))["train_images"][:4]
     x = preprocess(torch.from_numpy(patches), loaded.card, "cpu")
     assert x.shape == (4, 3, 28, 28) and x.dtype == torch.float32
@@ -218,12 +218,12 @@ def test_model_from_url(tmp_path: Path, http_dir, monkeypatch) -> None:
 def test_bundled_default_model_loads_and_validates() -> None:
     assert zoo.DEFAULT_MODEL in zoo.list_models()
     folder = zoo.model_path(zoo.DEFAULT_MODEL)
-    weights = folder / load_card(folder).weights["file"]
+    weights = folder / load_card(folder).weights.file
     assert weights.stat().st_size < 2_000_000
     loaded = load_model(None)
     card = loaded.card
     assert card.patch_size == 28 and card.num_classes == 9
-    assert card.training["command"].startswith("histotile train")
+    assert card.training.command.startswith("histotile train")
     assert "demonstration model" in card.notes.lower()
     from histotile.models.card import validate_card
 
@@ -238,10 +238,10 @@ def test_bundled_model_reproduces_its_validation_accuracy() -> None:
     loaded = load_model(zoo.DEFAULT_MODEL)
     card = loaded.card
     data = load_pathmnist(real_data("patches/pathmnist_train_first1000.npz"), None,
-                          card.training["val_fraction"], card.training["seed"])
+                          card.training.val_fraction, card.training.seed)
     probs = predict_probs(loaded.module, data.val, BatchPipeline(card, loaded.device))
     acc = float(np.mean(probs.argmax(1) == data.val.labels))
-    assert acc == pytest.approx(card.metrics["validation"]["accuracy"], abs=1e-9)
+    assert acc == pytest.approx(card.metrics.validation["accuracy"], abs=1e-9)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -360,15 +360,15 @@ def test_unknown_model_name_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 
 # --------------------------------------------------------------------------- laziness
 def test_cli_import_does_not_load_torch() -> None:
-    code = ("import sys, histotile.cli.predict, histotile.predict, histotile.archives; "
-            "sys.exit('torch' in sys.modules)")
+    code = ("import sys, histotile.cli.predict, histotile.inference, histotile.options, "
+            "histotile.archives; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_model_loaded_once_per_run(tmp_path: Path, model28: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import histotile.models.loading as loading
-    from histotile.predict import predict
+    from histotile import predict
 
     calls: list[str] = []
     real = loading.load_model

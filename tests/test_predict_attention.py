@@ -57,8 +57,9 @@ def test_attention_image_validates_and_overlay_exists(attn_out: Path) -> None:
     assert run["attention"]["image"] == "heatmap.ome.zarr/attention"
     assert run["attention"]["cam_scale"] == pytest.approx(
         dict(root["attention"].attrs["histotile"])["cam_scale"])
-    assert run["fingerprint"]["attention"] == {"resolution": None}
-    assert run["fingerprint"]["gradcam"] is None
+    assert run["fingerprint"]["attention"] is True
+    assert run["fingerprint"]["cam_resolution"] is None
+    assert run["fingerprint"]["gradcam"] is False
     assert "attention_overlay.png" in run["files"]
     png = PILImage.open(attn_out / "attention_overlay.png")
     assert png.size[0] > 300 and png.size[1] > 300
@@ -111,10 +112,11 @@ def test_stitched_map_at_a_patch_equals_single_patch_attention(attn_out: Path) -
 
 
 def test_attention_is_in_the_fingerprint(vit_model: Path) -> None:
-    from histotile.predict import LazyModel, PredictSettings
+    from histotile.inference import fingerprint_for
+    from histotile.options import PredictOptions
 
-    model = LazyModel(str(vit_model))
-    prints = [PredictSettings(model=model, **kw).fingerprint() for kw in
+    base = PredictOptions(model=str(vit_model), device="cpu")
+    prints = [fingerprint_for(base.replace(**kw)) for kw in
               ({}, {"attention": True}, {"attention": True, "cam_resolution": 16})]
     assert len({json.dumps(f, sort_keys=True) for f in prints}) == 3
 

@@ -47,8 +47,9 @@ def test_gradcam_outputs_and_run_json(cam_out: Path) -> None:
     # default: patch_size_level0 / 8 level-0 px per CAM pixel (8 x 8 CAM pixels per patch)
     assert cam["cam_resolution_level0"] == pytest.approx(run["grid"]["patch_size_level0"] / 8,
                                                          abs=0.5)
-    assert run["fingerprint"]["gradcam"] == {"class": "predicted", "layer": None,
-                                             "resolution": None}
+    fp = run["fingerprint"]
+    assert (fp["gradcam"], fp["cam_class"], fp["cam_layer"], fp["cam_resolution"]) == (
+        True, "predicted", None, None)
     assert "gradcam_overlay.png" in run["files"]
     png = Image.open(cam_out / "gradcam_overlay.png")
     assert png.size[0] > 300 and png.size[1] > 300
@@ -84,12 +85,13 @@ def _cam_alone(run: dict, row: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
         pixels = slide.read_region((x, y), 0, (w, h))
     patch = resize_patch(pixels, run["grid"]["patch_size"])[None]
     card = run["model"]["card"]
-    fit = run["stain"]["fit"]
-    normalizer = make_normalizer("macenko", reference=card["stain"]["reference"],
-                                 channels_last=True)
-    stain_fit = StainFit(torch.tensor(fit["stain_matrix"], dtype=torch.float32),
-                         torch.tensor(fit["max_concentrations"], dtype=torch.float32))
-    patch = np.ascontiguousarray(normalizer.normalize(patch, stain_fit), dtype=np.uint8)
+    if run["stain"]["method"] != "none":  # the bundled model (trained on raw patches): none
+        fit = run["stain"]["fit"]
+        normalizer = make_normalizer("macenko", reference=card["stain"]["reference"],
+                                     channels_last=True)
+        stain_fit = StainFit(torch.tensor(fit["stain_matrix"], dtype=torch.float32),
+                             torch.tensor(fit["max_concentrations"], dtype=torch.float32))
+        patch = np.ascontiguousarray(normalizer.normalize(patch, stain_fit), dtype=np.uint8)
     loaded = load_model(run["model"]["folder"], "cpu")
     cam = GradCAM(loaded.module, resolve_layer(loaded.module, None, card["architecture"]["name"]))
     maps, probs = cam(preprocess(torch.from_numpy(patch), loaded.card, "cpu"), "predicted",
@@ -133,14 +135,15 @@ def test_gradcam_mean_in_geojson_equals_csv(cam_out: Path) -> None:
 
 
 def test_gradcam_options_are_in_the_fingerprint() -> None:
-    from histotile.predict import LazyModel, PredictSettings
+    from histotile.inference import fingerprint_for
+    from histotile.options import PredictOptions
 
-    model = LazyModel(_default_model())
-    plain = PredictSettings(model=model).fingerprint()
-    cam = PredictSettings(model=model, gradcam=True).fingerprint()
-    other = PredictSettings(model=model, gradcam=True, cam_resolution=16).fingerprint()
-    qupath = PredictSettings(model=model, qupath_merge=True).fingerprint()
-    tiff = PredictSettings(model=model, ome_tiff=True).fingerprint()
+    base = PredictOptions(model=_default_model(), device="cpu")
+    plain = fingerprint_for(base)
+    cam = fingerprint_for(base.replace(gradcam=True))
+    other = fingerprint_for(base.replace(gradcam=True, cam_resolution=16))
+    qupath = fingerprint_for(base.replace(qupath_merge=True))
+    tiff = fingerprint_for(base.replace(ome_tiff=True))
     assert len({json.dumps(f, sort_keys=True) for f in (plain, cam, other, qupath, tiff)}) == 5
 
 

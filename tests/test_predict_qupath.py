@@ -85,8 +85,9 @@ def test_tiles_geojson_schema(qp_out: Path) -> None:
     assert len(features) == run["patches"] > 0
     check_tile_schema(features, run, names, colors)
     assert run["qupath"]["tiles_written"] == len(features)
-    assert run["fingerprint"]["qupath"] == {"plain": False, "object_type": "tile",
-                                            "min_prob": None, "merge": True}
+    fp = run["fingerprint"]
+    assert (fp["geojson_plain"], fp["qupath_object_type"], fp["qupath_min_prob"],
+            fp["qupath_merge"]) == (False, "tile", None, True)
 
 
 def test_tile_coordinates_round_trip_to_zarr_and_csv(qp_out: Path) -> None:

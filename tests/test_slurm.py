@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import real_data
 
-from histotile import hpc
-from histotile.predict import predict
+from histotile import hpc, predict
 
 # The per-shard job: `histotile predict` itself (the bundled default model, on the CPU).
 JOB_COMMAND = f"{sys.executable} -m histotile predict"
@@ -97,7 +96,7 @@ def test_array_job_real_slurm(slides: Path, tmp_path: Path) -> None:
 
 
 def test_dask_jobqueue_on_real_slurm(slides: Path, tmp_path: Path) -> None:
-    """predict's own per-slide process (histotile.predict.make_predict_process) on dask workers
+    """predict's own per-slide process (histotile.inference.make_predict_process) on dask workers
     that are SLURM batch jobs."""
     out = tmp_path / "dask"
     summary = predict(slides, out, device="cpu", executor="dask-jobqueue", cluster="slurm",

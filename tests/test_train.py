@@ -56,9 +56,9 @@ def test_train_pathmnist_writes_a_usable_model(tmp_path: Path) -> None:
     card = loaded.card
     assert card.patch_size == 28 and card.mpp == 4.0 and card.num_classes == 9
     assert card.class_names[5] == "smooth_muscle"
-    assert card.training["data_md5"] == hashlib.md5(npz.read_bytes()).hexdigest()
-    assert card.training["seed"] == 0 and card.stain["method"] == "none"
-    assert card.weights["sha256"] == loaded.weights_sha256
+    assert card.training.data_md5 == hashlib.md5(npz.read_bytes()).hexdigest()
+    assert card.training.seed == 0 and card.stain.method == "none"
+    assert card.weights.sha256 == loaded.weights_sha256
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["validation"]["n"] == 60
     # the card's validation accuracy is what the saved weights give on the held-out split
@@ -66,7 +66,7 @@ def test_train_pathmnist_writes_a_usable_model(tmp_path: Path) -> None:
 
     data = load_dataset(npz, val_fraction=0.2, seed=0)
     probs = predict_probs(loaded.module, data.val, BatchPipeline(card, loaded.device))
-    assert card.metrics["validation"]["accuracy"] == pytest.approx(
+    assert card.metrics.validation["accuracy"] == pytest.approx(
         float(np.mean(probs.argmax(1) == data.val.labels)))
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
 
@@ -78,7 +78,7 @@ def test_train_pcam_derived_h5(tmp_path: Path) -> None:
     out = _train("pcam", tmp_path / "m", data_dir=tmp_path / "pcam", batch_size=4, max_steps=2)
     card = load_model(out).card
     assert card.patch_size == 96 and card.mpp == pytest.approx(0.972)
-    assert card.class_names == ["normal", "tumor"] and card.metrics["validation"]["n"] == 5
+    assert card.class_names == ["normal", "tumor"] and card.metrics.validation["n"] == 5
 
 
 def test_train_kaggle_folder_through_cli(tmp_path: Path, capsys) -> None:
@@ -88,9 +88,9 @@ def test_train_kaggle_folder_through_cli(tmp_path: Path, capsys) -> None:
           "--val-fraction", "0.34", "--device", "cpu", "--arch", "smallcnn"])
     assert "wrote" in capsys.readouterr().out
     card = load_model(out).card
-    assert card.training["command"].startswith(f"histotile train {folder} --output {out}")
-    assert "--epochs 1 --batch-size 4" in card.training["command"]
-    assert card.training["n_train"] + card.training["n_val"] == 15
+    assert card.training.command.startswith(f"histotile train {folder} --output {out}")
+    assert "--epochs 1 --batch-size 4" in card.training.command
+    assert card.training.n_train + card.training.n_val == 15
 
 
 
@@ -162,8 +162,8 @@ def test_macenko_is_recorded_and_applied(tmp_path: Path) -> None:
     npz = _first_n(tmp_path, 100)
     out = _train(npz, tmp_path / "m", max_steps=1, stain_norm="macenko")
     loaded = load_model(out)
-    assert loaded.card.stain["method"] == "macenko"
-    assert loaded.card.stain["reference"]["stain_matrix"]
+    assert loaded.card.stain.method == "macenko"
+    assert loaded.card.stain.reference["stain_matrix"]
     pipe = BatchPipeline(loaded.card, loaded.device)
     assert pipe.normalizer is not None
 
@@ -188,8 +188,8 @@ def test_fitted_stain_reference_without_training_normalisation(tmp_path: Path) -
                 val_fraction=0.2, progress=False, n_boot=0, plots=False,
                 stain_norm="macenko", stain_reference="fit", stain_train=False)
     card = load_model(out).card
-    assert card.stain["method"] == "macenko" and card.stain["in_training"] is False
-    ref = StainReference.from_dict(card.stain["reference"])
+    assert card.stain.method == "macenko" and card.stain.in_training is False
+    ref = StainReference.from_dict(card.stain.reference)
     assert ref.source != "macenko-default"
     # the reference is the pooled fit of the training split's patches
     data = load_dataset(npz, val_fraction=0.2, seed=0)

@@ -53,14 +53,15 @@ def test_trains_and_writes_model_folder(model: Path) -> None:
     from histotile.models.card import load_card
 
     card = load_card(model)
-    assert card.architecture == {"name": "xgboost", "kwargs": {"features": "colour-texture"}}
+    assert card.architecture.to_dict() == {"name": "xgboost",
+                                           "kwargs": {"features": "colour-texture"}}
     metrics = json.loads((model / "metrics.json").read_text())
     test = metrics["test"]
     assert test["n"] == 200
     assert test["accuracy"] > 1 / 9 and test["auc"] > 0.5  # better than chance on real data
     for name in ("history.csv", "training_curves.png", "confusion_matrix.png", "roc_curves.png"):
         assert (model / name).is_file(), name
-    assert card.input == {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    assert card.input.to_dict() == {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 
 
 def test_folder_loads_and_matches_booster(model: Path, subset: Path) -> None:
@@ -78,7 +79,7 @@ def test_folder_loads_and_matches_booster(model: Path, subset: Path) -> None:
 
 
 def test_folder_predicts_on_slide(model: Path, cmu_small: Path, tmp_path: Path) -> None:
-    from histotile.predict import predict
+    from histotile import predict
 
     summary = predict(cmu_small, tmp_path, model=model, device="cpu", stain_norm="none",
                       progress=False)

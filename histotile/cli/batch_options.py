@@ -5,9 +5,9 @@ Usage in a command::
     @click.command()
     @batch_options
     def predict(inputs, output, **kwargs):
-        opts = pop_batch_options(kwargs)          # -> keyword arguments of run_items
+        batch = pop_batch_options(kwargs)         # -> BatchOptions
         summary = run_items(items, output, partial(make_process, settings), fingerprint,
-                            progress=not quiet, **opts)
+                            progress=not quiet, **batch.run_items_kwargs())
         sys.exit(summary.exit_code)
 """
 
@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+
+from histotile.options import BatchOptions, Cluster, Executor, choices, field_default
 
 BATCH_OPTION_NAMES = ("shard", "executor", "jobs", "cluster", "cluster_option", "overwrite")
 
@@ -46,19 +48,20 @@ def parse_cluster_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def pop_batch_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Remove the batch options from a command's kwargs; return ``run_items`` keywords."""
+def pop_batch_options(kwargs: dict[str, Any]) -> BatchOptions:
+    """Remove the batch options from a command's kwargs; return them as :class:`BatchOptions`
+    (``.run_items_kwargs()`` gives :func:`histotile.batch.run_items`'s keywords)."""
     from histotile.batch import resolve_shard
 
     values = {name: kwargs.pop(name) for name in BATCH_OPTION_NAMES if name in kwargs}
-    return {
-        "shard": resolve_shard(values.get("shard")),
-        "executor": values.get("executor", "serial"),
-        "jobs": values.get("jobs", 2),
-        "cluster": values.get("cluster", "slurm"),
-        "overwrite": bool(values.get("overwrite", False)),
-        "cluster_kwargs": parse_cluster_options(tuple(values.get("cluster_option") or ())),
-    }
+    return BatchOptions(
+        shard=resolve_shard(values.get("shard")),
+        executor=values.get("executor", field_default(BatchOptions, "executor")),
+        jobs=values.get("jobs", field_default(BatchOptions, "jobs")),
+        cluster=values.get("cluster", field_default(BatchOptions, "cluster")),
+        overwrite=bool(values.get("overwrite", False)),
+        cluster_kwargs=parse_cluster_options(tuple(values.get("cluster_option") or ())),
+    )
 
 
 def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,14 +72,15 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--shard", metavar="I/N", default=None,
                      help="Process only shard I of N (0-based). Default: from "
                           "SLURM_ARRAY_TASK_ID/COUNT inside a SLURM array job, else all."),
-        click.option("--executor", type=click.Choice(["serial", "local", "dask-jobqueue"]),
-                     default="serial", show_default=True,
+        click.option("--executor", type=click.Choice(choices(Executor)),
+                     default=field_default(BatchOptions, "executor"), show_default=True,
                      help="serial: this process; local: a dask LocalCluster of --jobs "
                           "processes; dask-jobqueue: --jobs batch jobs on --cluster."),
-        click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True,
+        click.option("--jobs", type=int, default=field_default(BatchOptions, "jobs"),
+                     show_default=True,
                      help="Workers (local) or batch jobs (dask-jobqueue)."),
-        click.option("--cluster", type=click.Choice(["slurm", "pbs", "sge", "lsf", "htcondor"]),
-                     default="slurm", show_default=True,
+        click.option("--cluster", type=click.Choice(choices(Cluster)),
+                     default=field_default(BatchOptions, "cluster"), show_default=True,
                      help="Scheduler for --executor dask-jobqueue."),
         click.option("--cluster-option", multiple=True, metavar="KEY=VALUE",
                      help="Passed to the dask-jobqueue cluster, e.g. queue=gpu walltime=02:00:00 "

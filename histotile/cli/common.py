@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from histotile.errors import HistotileError
+from histotile.options import PredictOptions, choices, field_default, field_type
 
 
 def report_failure(subject: str, exc: Exception, debug: bool) -> None:
@@ -23,18 +24,34 @@ def report_failure(subject: str, exc: Exception, debug: bool) -> None:
                    err=True)
 
 
+def field_option(cls: type, name: str, *decls: str, help: str,  # noqa: A002 - click's name
+                 **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option for field ``name`` of options class ``cls``: its default, its type and
+    its choices (a ``Literal``) come from the field, so they are written once. The value is
+    validated when the command builds the options object (one-line error)."""
+    kind, _ = field_type(cls, name)
+    default = field_default(cls, name)
+    flag = f"--{name.replace('_', '-')}"
+    params = (*decls, flag) if decls else (flag,)
+    if kind is bool:
+        return click.option(*params, name, is_flag=True, default=default, help=help, **kwargs)
+    if getattr(kind, "__origin__", None) is not None and choices(kind):
+        click_type: Any = click.Choice(choices(kind))
+    else:
+        click_type = kind if kind in (int, float, str) else str
+    kwargs.setdefault("show_default", default is not None)
+    return click.option(*params, name, type=click_type, default=default, help=help, **kwargs)
+
+
 def slide_mpp_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--slide-mpp", type=float, default=None,
-        help="Override the slide's level-0 microns per pixel (when missing or wrong).",
-    )(f)
+    """``--slide-mpp`` (the same field in every options class that has it)."""
+    return field_option(PredictOptions, "slide_mpp", metavar="UM",
+                        help="Override the slide's level-0 microns per pixel (when missing or "
+                             "wrong).")(f)
 
 
 def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
-        show_default=True, help="Slide reader.",
-    )(f)
+    return field_option(PredictOptions, "backend", help="Slide reader.")(f)
 
 
 def debug_flag(ctx: click.Context) -> bool:

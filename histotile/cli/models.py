@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -21,10 +22,10 @@ def list_cmd() -> None:
     for name in zoo.list_models():
         card = load_card(zoo.model_path(name))
         mark = "*" if name == zoo.DEFAULT_MODEL else " "
-        held_out = card.metrics.get("test") or card.metrics.get("validation") or {}
+        held_out = card.metrics.test or card.metrics.validation or {}
         acc = held_out.get("accuracy")
         acc_text = f"  held-out acc {acc:.3f}" if isinstance(acc, (int, float)) else ""
-        click.echo(f"{mark} {name:<24} {card.architecture['name']:<10} {card.num_classes} classes  "
+        click.echo(f"{mark} {name:<24} {card.architecture.name:<10} {card.num_classes} classes  "
                    f"{card.patch_size} px  {card.mpp:g} µm/px{acc_text}")
 
 
@@ -45,19 +46,19 @@ def show(name: str, as_json: bool) -> None:
     lines = [
         f"name:         {card.name} (version {card.version})",
         f"folder:       {folder}",
-        f"architecture: {arch['name']} {json.dumps(arch.get('kwargs', {}))}",
-        f"input:        {card.patch_size} px at {card.mpp:g} µm/px, mean {card.input['mean']}, "
-        f"std {card.input['std']}",
-        f"stain:        {card.stain.get('method', 'none')}",
-        f"weights:      {card.weights['file']} sha256 {card.weights['sha256']}",
+        f"architecture: {arch.name} {json.dumps(arch.kwargs)}",
+        f"input:        {card.patch_size} px at {card.mpp:g} µm/px, mean {card.input.mean}, "
+        f"std {card.input.std}",
+        f"stain:        {_stain_line(card)}",
+        f"weights:      {card.weights.file} sha256 {card.weights.sha256}",
         "classes:      " + ", ".join(f"{c.name} {tuple(c.color)}" for c in card.classes),
     ]
-    if card.training:
-        lines.append(f"training:     {card.training.get('data', '')}")
-        if card.training.get("command"):
-            lines.append(f"command:      {card.training['command']}")
+    if card.training.data:
+        lines.append(f"training:     {card.training.data}")
+    if card.training.command:
+        lines.append(f"command:      {card.training.command}")
     if card.metrics:
-        lines.append(f"metrics:      {_summary(card.metrics)}")
+        lines.append(f"metrics:      {_summary(card.metrics.to_dict())}")
     if card.license:
         lines.append(f"license:      {card.license}")
     if card.notes:
@@ -75,3 +76,15 @@ def _summary(metrics: dict) -> str:
             if inner:
                 parts.append(f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in inner.items()))
     return "; ".join(parts)
+
+
+def _stain_line(card: Any) -> str:
+    """What ``predict --stain-norm auto`` does with this model (models/preprocess.py)."""
+    stain = card.stain
+    if stain.method == "none":
+        return "none"
+    source = "card reference" if stain.reference else "standard reference"
+    if stain.in_training:
+        return f"{stain.method} ({source}; training saw normalised patches, auto applies it)"
+    return (f"{stain.method} ({source}; training saw patches as they are: auto does not "
+            f"normalise, --stain-norm {stain.method} does)")

@@ -1,84 +1,80 @@
-"""``histotile predict``: a thin click layer over :func:`histotile.predict.predict`.
+"""``histotile predict``: a thin click layer that builds :class:`histotile.options.PredictOptions`
+and calls :func:`histotile.predict`.
 
-Nothing heavy is imported here: torch loads when the run starts and the weights when the first
-batch of the first slide is ready.
+Defaults, choices and validation live on the options object (read here with ``field_option``);
+nothing heavy is imported: torch loads when the run starts and the weights when the first batch
+of the first slide is ready.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
-from histotile.cli.batch_options import batch_options
+from histotile.cli.batch_options import batch_options, pop_batch_options
 from histotile.cli.common import (
     backend_option,
     debug_flag,
+    field_option,
     invoked_command,
     quiet_flag,
     slide_mpp_option,
 )
+from histotile.options import PredictOptions
+
+P = PredictOptions
 
 
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("-o", "--out-dir", default="histotile-out", show_default=True,
               type=click.Path(file_okay=False), help="Output folder (one sub-folder per slide).")
-@click.option("--model", "model", default=None, metavar="NAME|PATH|URL",
+@field_option(P, "model", metavar="NAME|PATH|URL",
               help="Bundled model name, model folder, URL or hf://org/repo "
                    "[default: pathmnist-smallcnn].")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-              help="Where the model runs.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Patches per model batch.")
-@click.option("--workers", default=None, type=click.IntRange(min=0),
+@field_option(P, "device", metavar="auto|cpu|cuda|cuda:N", help="Where the model runs.")
+@field_option(P, "batch_size", help="Patches per model batch.")
+@field_option(P, "workers",
               help="Reader processes [default: 0 on CPU (a reader thread), up to 8 on CUDA].")
 @slide_mpp_option
-@click.option("--stain-norm", default="auto", show_default=True,
-              type=click.Choice(["auto", "none", "macenko"]),
-              help="auto: what the model card asks for.")
-@click.option("--min-tissue", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="Keep patches with at least this tissue fraction.")
-@click.option("--overlap", default=0.0, show_default=True, type=click.FloatRange(0, 1,
-              max_open=True), help="Patch overlap fraction (0.5 = half-patch steps).")
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "val", "test"]), help="Split of MedMNIST .npz inputs.")
+@field_option(P, "stain_norm",
+              help="auto: what the model's training saw (the card's stain method and reference "
+                   "when training used normalised patches, else none); macenko: normalise to "
+                   "the card's reference (the standard one if it has none).")
+@field_option(P, "min_tissue", help="Keep patches with at least this tissue fraction (0-1).")
+@field_option(P, "overlap", help="Patch overlap fraction in [0, 1) (0.5 = half-patch steps).")
+@field_option(P, "split", help="Split of MedMNIST .npz inputs.")
 @backend_option
-@click.option("--gradcam", is_flag=True,
+@field_option(P, "gradcam",
               help="Also stitch Grad-CAM maps: a 'gradcam' image in heatmap.ome.zarr, "
                    "gradcam_overlay.png and a gradcam_mean per tile (eager models only).")
-@click.option("--cam-class", default="predicted", show_default=True, metavar="predicted|CLASS",
+@field_option(P, "cam_class", metavar="predicted|CLASS",
               help="Class whose Grad-CAM is drawn: each patch's argmax, or one class name.")
-@click.option("--cam-layer", default=None, metavar="NAME",
+@field_option(P, "cam_layer", metavar="NAME",
               help="Module path of the layer to hook [default: the architecture's last conv "
                    "block].")
-@click.option("--cam-resolution", default=None, type=click.FloatRange(min=0, min_open=True),
-              metavar="PX", help="Level-0 px per Grad-CAM pixel [default: patch size in level-0 "
-                                 "px / 8, i.e. 8 x 8 CAM pixels per patch].")
-@click.option("--attention", is_flag=True,
+@field_option(P, "cam_resolution", metavar="PX",
+              help="Level-0 px per Grad-CAM pixel [default: patch size in level-0 px / 8, i.e. "
+                   "8 x 8 CAM pixels per patch].")
+@field_option(P, "attention",
               help="Also stitch a ViT's CLS attention (last block, head mean): an 'attention' "
                    "image in heatmap.ome.zarr and attention_overlay.png (--arch vit models; "
                    "not with --gradcam; --cam-resolution applies).")
-@click.option("--geojson-plain", is_flag=True,
+@field_option(P, "geojson_plain",
               help="Write tiles.geojson (uncompressed) instead of tiles.geojson.gz.")
-@click.option("--qupath-object-type", default="tile", show_default=True,
-              type=click.Choice(["tile", "detection"]), help="QuPath object type of the tiles.")
-@click.option("--qupath-min-prob", default=None, type=click.FloatRange(0, 1), metavar="F",
+@field_option(P, "qupath_object_type", help="QuPath object type of the tiles.")
+@field_option(P, "qupath_min_prob", metavar="F",
               help="Leave out of the GeoJSON tiles whose top probability is below F.")
-@click.option("--qupath-merge", is_flag=True,
+@field_option(P, "qupath_merge",
               help="Also write classes.geojson.gz: one dissolved annotation per class.")
-@click.option("--ome-tiff", is_flag=True,
-              help="Also write heatmap.ome.tif (pyramidal OME-TIFF, argmax colours).")
+@field_option(P, "ome_tiff", help="Also write heatmap.ome.tif (pyramidal OME-TIFF, argmax "
+                                  "colours).")
 @batch_options
 @click.pass_context
-def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: str | None,
-            device: str, batch_size: int, workers: int | None, slide_mpp: float | None,
-            stain_norm: str, min_tissue: float, overlap: float, split: str, backend: str,
-            gradcam: bool, cam_class: str, cam_layer: str | None, cam_resolution: float | None,
-            attention: bool, geojson_plain: bool, qupath_object_type: str,
-            qupath_min_prob: float | None, qupath_merge: bool, ome_tiff: bool,
-            **batch: object) -> None:
+def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values: Any) -> None:
     """Run a patch classifier over slides, folders of slides or patch archives.
 
     Per slide OUT_DIR/<stem>/ gets heatmap.ome.zarr, predictions.csv, tiles.geojson.gz,
@@ -88,24 +84,19 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
     options recomputes finished slides.
     PCam .h5 and MedMNIST .npz archives get predictions.csv and, with labels, the accuracy.
     """
-    from histotile.cli.batch_options import pop_batch_options
-    from histotile.predict import accuracy_lines
-    from histotile.predict import predict as run_predict
+    from histotile.inference import accuracy_lines
+    from histotile.inference import predict as run_predict
 
     quiet, debug = quiet_flag(ctx), debug_flag(ctx)
-    batch_opts = pop_batch_options(batch)
+    batch = pop_batch_options(values)
+    options = PredictOptions(**values, batch=batch, progress=not quiet,
+                             command=invoked_command(ctx))  # validated here, before any slide
     if quiet:
-        quiet_dask(batch_opts["executor"])
-    summary = run_predict(
-        list(inputs), out_dir=out_dir, model=model, device=device, batch_size=batch_size,
-        workers=workers, slide_mpp=slide_mpp, stain_norm=stain_norm, min_tissue=min_tissue,
-        overlap=overlap, split=split, backend=backend, **batch_opts,
-        progress=not quiet, on_error="raise" if debug else _print_failure,
-        command=invoked_command(ctx),
-        gradcam=gradcam, cam_class=cam_class, cam_layer=cam_layer, cam_resolution=cam_resolution,
-        attention=attention, geojson_plain=geojson_plain, qupath_object_type=qupath_object_type,
-        qupath_min_prob=qupath_min_prob, qupath_merge=qupath_merge, ome_tiff=ome_tiff,
-    )
+        quiet_dask(batch.executor)
+    reporter = FailureReporter()
+    summary = run_predict(list(inputs), out_dir, options,
+                          on_error="raise" if debug else reporter)
+    reporter.close()
     for line in accuracy_lines(summary):
         click.echo(line)
     if summary.failed:
@@ -125,8 +116,27 @@ def quiet_dask(executor: str) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _print_failure(item, result) -> None:  # noqa: ANN001 - (Path, ItemResult)
-    text = result.error
-    if result.slide not in text:
-        text = f"{result.slide}: {text}"
-    click.echo(f"error: {text}", err=True)
+class FailureReporter:
+    """One ``error:`` line per failed item, except that an error that does not name its item
+    (a model that cannot be loaded fails every item the same way) is printed once, with a
+    count of the other items it stopped at the end."""
+
+    def __init__(self) -> None:
+        self.repeats: dict[str, list[str]] = {}
+
+    def __call__(self, item: Any, result: Any) -> None:
+        text = result.error
+        if result.slide not in text:
+            if text in self.repeats:
+                self.repeats[text].append(str(result.slide))
+                return
+            self.repeats[text] = []
+            text = f"{result.slide}: {text}"
+        click.echo(f"error: {text}", err=True)
+
+    def close(self) -> None:
+        for others in self.repeats.values():
+            if others:
+                shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                click.echo(f"(the same error stopped {len(others)} more item"
+                           f"{'s' if len(others) > 1 else ''}: {shown})", err=True)

@@ -13,6 +13,7 @@ from histotile.cli.common import (
     report_failure,
     slide_mpp_option,
 )
+from histotile.options import TileOptions
 
 
 @click.command("tile")
@@ -48,6 +49,9 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out_dir: str, patch_size: 
     """Cut tissue patches of SLIDES at a target mpp into PatchCamelyon-layout HDF5 archives."""
     from histotile.tile import tile_slide
 
+    TileOptions(patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp,
+                overlap=overlap, min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,
+                stain_norm=stain_norm, stain_target=stain_target, backend=backend)  # validates
     debug, quiet = debug_flag(ctx), quiet_flag(ctx)
     failed = 0
     for path in slides:

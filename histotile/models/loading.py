@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from histotile.errors import ChecksumError, ModelError
 from histotile.models.card import CARD_FILE, ModelCard, load_card
+from histotile.models.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     import torch
@@ -171,7 +172,7 @@ def resolve_device(device: str | Any = "cpu") -> torch.device:
 
 def weights_file(card: ModelCard, folder: Path) -> Path:
     """The card's weights file inside ``folder`` (it may not point outside the folder)."""
-    rel = card.weights.get("file", "")
+    rel = card.weights.file
     path = (folder / rel).resolve()
     if not rel or not path.is_relative_to(folder.resolve()):
         raise ModelError(f"weights file {rel!r} is not inside the model folder",
@@ -183,13 +184,6 @@ def weights_file(card: ModelCard, folder: Path) -> Path:
     return path
 
 
-def _weights_format(card: ModelCard, path: Path) -> str:
-    fmt = card.weights.get("format")
-    if fmt:
-        return fmt
-    return "safetensors" if path.suffix == ".safetensors" else "torchscript"
-
-
 def load_model(spec: str | Path | None = None, device: str | Any = "cpu") -> LoadedModel:
     """Resolve ``spec``, verify the weights' sha256 against the card and load them (eval mode)."""
     from histotile.download import file_digest
@@ -198,14 +192,14 @@ def load_model(spec: str | Path | None = None, device: str | Any = "cpu") -> Loa
     card = load_card(folder)
     path = weights_file(card, folder)
     digest = file_digest(path, "sha256")
-    if digest != card.weights["sha256"].lower():
+    if digest != card.weights.sha256.lower():
         raise ChecksumError(
-            f"weights sha256 {digest[:12]}… differs from the card's {card.weights['sha256'][:12]}…",
+            f"weights sha256 {digest[:12]}… differs from the card's {card.weights.sha256[:12]}…",
             "the weights file is corrupt or belongs to another model; copy the model folder again",
             subject=str(path),
         )
     dev = resolve_device(device)
-    if _weights_format(card, path) == "torchscript":
+    if card.weights.resolved_format == "torchscript":
         module = _load_torchscript(path, dev)
     else:
         module = _load_safetensors(card, path, dev)
@@ -227,12 +221,12 @@ def _load_safetensors(card: ModelCard, path: Path, device: torch.device) -> nn.M
                          "the weights file is corrupt or in another format",
                          subject=str(path)) from None
     arch = card.architecture
-    module = build_model(arch["name"], card.num_classes, card.patch_size, **arch.get("kwargs", {}))
+    module = build_model(arch.name, card.num_classes, card.patch_size, **arch.kwargs)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:200]
-        raise ModelError(f"weights do not fit architecture {arch['name']!r} with "
+        raise ModelError(f"weights do not fit architecture {arch.name!r} with "
                          f"{card.num_classes} classes: {detail}",
                          "the card's architecture, kwargs or classes differ from the training run",
                          subject=str(path)) from None
@@ -253,26 +247,7 @@ def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
 # --------------------------------------------------------------------------- inputs
 def preprocess(batch: Any, card: ModelCard, device: str | Any = None,
                check_size: bool = True) -> torch.Tensor:
-    """uint8 NHWC patches (tensor or array) → float32 NCHW channels_last, normalised on ``device``.
-
-    The uint8 batch is moved first (4× fewer bytes), then scaled to [0, 1] and normalised with
-    the card's ``input.mean``/``input.std`` on the device.
-    """
-    import numpy as np
-    import torch
-
-    if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(np.ascontiguousarray(batch))
-    if batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ModelError(f"expected patches as (N,H,W,3), got shape {tuple(batch.shape)}",
-                         "pass RGB uint8 patches in NHWC layout")
-    if check_size and tuple(batch.shape[1:3]) != (card.patch_size, card.patch_size):
-        raise ModelError(
-            f"patches are {batch.shape[1]}×{batch.shape[2]} px but the model expects "
-            f"{card.patch_size}×{card.patch_size}",
-            "tile at the model's patch size or pick a model made for this size", subject=card.name)
-    dev = torch.device(device) if device is not None else batch.device
-    x = batch.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(card.input["mean"], dtype=x.dtype, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(card.input["std"], dtype=x.dtype, device=dev).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    """uint8 NHWC patches → the model's input tensor on ``device`` (no stain step): the card's
+    :class:`histotile.models.preprocess.Preprocessing`."""
+    return Preprocessing.from_card(card, "none").to_tensor(batch, device, check_size,
+                                                           subject=card.name)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histotile.errors import DatasetError, InvalidArgumentError, ModelError
+from histotile.models.preprocess import BatchPipeline
 
 if TYPE_CHECKING:
     import torch
@@ -71,40 +72,8 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- batch pipeline
-class BatchPipeline:
-    """uint8 NHWC batch on the device → (stain norm) → (augment) → normalised NCHW float.
-
-    The stain step runs when the card's ``stain.in_training`` is true (the default), i.e. the
-    model was trained on normalised patches.
-    """
-
-    def __init__(self, card: ModelCard, device: torch.device, augment: bool = False) -> None:
-        self.card, self.device, self.augment = card, device, augment
-        in_training = bool((card.stain or {}).get("in_training", True))
-        self.normalizer = make_stain_normalizer(card) if in_training else None
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        from histotile.models.loading import preprocess
-
-        x = x.to(self.device, non_blocking=True)
-        if self.normalizer is not None:
-            x = self.normalizer.normalize(x)
-        if self.augment:
-            x = augment_batch(x, gen)
-        return preprocess(x, self.card, self.device, check_size=False)
-
-
-def make_stain_normalizer(card: ModelCard) -> Any:
-    """The card's Macenko normaliser (per patch), or ``None``."""
-    method = card.stain.get("method", "none")
-    if method == "none":
-        return None
-    try:
-        from histotile.stain import make_normalizer
-    except ImportError:
-        raise ModelError("stain normalisation needs histotile.stain, which is not installed",
-                         "use --stain-norm none") from None
-    return make_normalizer(method, reference=card.stain.get("reference"), channels_last=True)
+# BatchPipeline (the model's preprocessing) lives in the model layer; training injects its
+# augmentation (augment_batch) into it.
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
@@ -174,9 +143,9 @@ def channel_stats(ps: PatchSet, card: ModelCard, device: torch.device,
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(len(ps), size=min(len(ps), max_patches), replace=False))
     x = torch.from_numpy(np.stack([ps[int(i)][0] for i in idx]))
-    norm = make_stain_normalizer(card) if card.stain.get("in_training", True) else None
-    if norm is not None:
-        x = norm.normalize(x.to(device)).cpu()
+    stain = BatchPipeline(card, device).normalizer  # what the model's input goes through
+    if stain is not None:
+        x = stain.normalize(x.to(device)).cpu()
     f = x.double().div(255.0).reshape(-1, 3)
     return [round(v, 4) for v in f.mean(0).tolist()], [round(max(v, 1e-3), 4)
                                                         for v in f.std(0).tolist()]
@@ -350,14 +319,14 @@ def fit(cfg: TrainConfig, data: DatasetSplits, card: ModelCard, out_dir: Path, *
     if cfg.pretrained:
         from histotile.models.pretrained import load_pretrained
 
-        card.training["pretrained"] = load_pretrained(module, cfg.arch, cfg.pretrained,
+        card.training.pretrained = load_pretrained(module, cfg.arch, cfg.pretrained,
                                                       progress=progress)
     module = module.to(device=device, memory_format=torch.channels_last)
     opt, sched = _build_optim(cfg, module)
     use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    train_pipe = BatchPipeline(card, device, augment=cfg.augment)
-    eval_pipe = BatchPipeline(card, device, augment=False)
+    train_pipe = BatchPipeline(card, device, augment=augment_batch if cfg.augment else None)
+    eval_pipe = BatchPipeline(card, device)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"score": None, "state": None, "epoch": -1}
@@ -548,10 +517,10 @@ def train(dataset: str | Path, out_dir: str | Path = "histotile-model", arch: st
     command = command or default_command(dataset=str(dataset), out_dir=str(out_dir), arch=arch,
                                          epochs=epochs, seed=seed)
     card = build_card(cfg, data, name or out.name, command, [0.5] * 3, [0.5] * 3)
-    card.input["mean"], card.input["std"] = channel_stats(data.train, card, dev)
+    card.input.mean, card.input.std = channel_stats(data.train, card, dev)
     best, history = fit(cfg, data, card, out, device=dev, workers=workers, resume=resume,
                         progress=progress, on_epoch_end=on_epoch_end, max_steps=max_steps)
-    card.weights["sha256"] = save_weights(best["state"], out)
+    card.weights.sha256 = save_weights(best["state"], out)
     module = _module_from_state(cfg, card, best["state"], dev)
     pipe = BatchPipeline(card, dev)
     metrics: dict[str, Any] = {"best_epoch": best["epoch"]}
@@ -563,11 +532,11 @@ def train(dataset: str | Path, out_dir: str | Path = "histotile-model", arch: st
         test_probs = predict_probs(module, data.test, pipe, batch_size, workers, progress,
                                    "test")
         metrics["test"] = _full_metrics(data.test.labels, test_probs, card.class_names, n_boot)
-        card.metrics["test"] = _headline(metrics["test"], "official test split")
+        card.metrics.test = _headline(metrics["test"], "official test split")
     if cv and cv > 1:
         metrics["cross_validation"] = cross_validate(cfg, data, card, cv, device=dev,
                                                      workers=workers, progress=progress)
-        card.metrics["cross_validation"] = {k: v for k, v in metrics["cross_validation"].items()
+        card.metrics.cross_validation = {k: v for k, v in metrics["cross_validation"].items()
                                             if k != "accuracy_per_fold"}
     card.notes = notes or card.notes
     _write_reports(out, metrics, history, data.val.labels, val_probs, card.class_names, plots)

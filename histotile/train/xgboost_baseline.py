@@ -233,7 +233,7 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
     command = command or default_command(dataset=str(dataset), out_dir=str(out_dir),
                                          arch="xgboost", seed=seed)
     card = build_card(cfg, data, name or out.name, command, [0.0] * 3, [1.0] * 3)
-    card.training["recipe"] = (
+    card.training.recipe = (
         f"XGBoost hist, {features} features, max_depth {max_depth}, eta {learning_rate:g}, "
         f"subsample 0.8, colsample 0.5, ≤{n_estimators} rounds, early stopping 40 on val "
         f"(kept {booster.num_boosted_rounds()} rounds), fit {fit_s:.1f} s")
@@ -241,7 +241,7 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
 
     raw = bytes(booster.save_raw("ubj"))
     state = {"booster": torch.frombuffer(bytearray(raw), dtype=torch.uint8)}
-    card.weights["sha256"] = save_weights(state, out)
+    card.weights.sha256 = save_weights(state, out)
     best_round = int(booster.num_boosted_rounds())
     metrics: dict[str, Any] = {"best_epoch": best_round}
     val_probs = predict_proba(booster, fva)
@@ -252,7 +252,7 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
         xte, yte = _arrays(data.test, progress, "test patches")
         metrics["test"] = _full_metrics(yte, predict_proba(booster, patch_features(xte, features)),
                                         card.class_names, n_boot)
-        card.metrics["test"] = _headline(metrics["test"], "official test split")
+        card.metrics.test = _headline(metrics["test"], "official test split")
     card.notes = notes or f"XGBoost baseline on {features} features"
     _write_reports(out, metrics, history, yva, val_probs, card.class_names, plots)
     card.save(out)

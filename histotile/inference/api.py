@@ -1,0 +1,129 @@
+"""``histotile.predict(inputs, out_dir, options, **overrides)``: the entry point.
+
+Everything is checked before any slide is opened: the options (their own validation), the
+model card, the device, Grad-CAM/attention against the card. Then the items run through
+:func:`histotile.batch.run_items` with a resume fingerprint derived from the options
+(:mod:`histotile.inference.fingerprint`). Each worker process builds one
+:class:`~histotile.inference.context.PredictContext` and reuses it (and the model, loaded once
+on the first batch) for every item.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from histotile.archives import is_archive
+from histotile.batch import BatchSummary, expand_inputs, resolve_shard, run_items
+from histotile.errors import InvalidArgumentError, ModelError
+from histotile.inference.archives import predict_archive
+from histotile.inference.context import PredictContext
+from histotile.inference.fingerprint import derive_fingerprint
+from histotile.inference.model import LazyModel
+from histotile.inference.provenance import library_command
+from histotile.inference.slides import predict_slide
+from histotile.models.card import ModelCard
+from histotile.options import PredictOptions
+
+
+def make_predict_process(options: PredictOptions) -> Any:
+    """``process(item, tmp_dir) -> info`` for :func:`histotile.batch.run_items`.
+
+    ``functools.partial(make_predict_process, options)`` pickles to dask workers; each process
+    builds its own context (and lazily loaded model) once and reuses it for every item.
+    """
+    ctx = PredictContext.from_options(options)
+    configured: list[bool] = []
+
+    def process(item: Path, tmp_dir: Path) -> dict[str, Any]:
+        ctx.model.raise_if_failed()  # a model that failed to load fails the rest fast
+        t0 = time.perf_counter()
+        if not configured:  # torch is imported only once there is work to do
+            from histotile.engine import configure_threads
+
+            ctx.compute = configure_threads(
+                ctx.model.device, ctx.effective_workers(),
+                explain=options.gradcam or options.attention)
+            configured.append(True)
+        setup = time.perf_counter() - t0
+        if is_archive(item):
+            info = predict_archive(Path(item), Path(tmp_dir), ctx)
+        else:
+            info = predict_slide(Path(item), Path(tmp_dir), ctx)
+        info["timings"]["setup"] = round(setup, 3)  # torch import (first item), threads
+        return info
+
+    return process
+
+
+def check_against_card(options: PredictOptions, card: ModelCard) -> None:
+    """Grad-CAM and attention need the right kind of model: refused up front, from the card."""
+    if options.attention and card.architecture.name != "vit":
+        raise ModelError(
+            f"--attention needs a Vision Transformer, not architecture {card.architecture.name!r}",
+            "use a model trained with --arch vit, or --gradcam", subject=card.name)
+    if options.gradcam:
+        from histotile.explain import _cam_target
+
+        try:
+            _cam_target(options.cam_class, card.class_names)
+        except InvalidArgumentError as exc:
+            exc.subject = exc.subject or "--cam-class"
+            raise
+        if card.weights.resolved_format == "torchscript":
+            raise ModelError("Grad-CAM needs an eager PyTorch model, not TorchScript",
+                             "use a model folder with safetensors weights, or drop --gradcam",
+                             subject=card.name)
+
+
+def resolve_options(options: PredictOptions | None, overrides: dict[str, Any]) -> PredictOptions:
+    """``options`` (default :class:`PredictOptions`) with keyword ``overrides``; validated."""
+    if options is None:
+        options = PredictOptions()
+    elif not isinstance(options, PredictOptions):
+        raise InvalidArgumentError(f"options must be a PredictOptions, not "
+                                   f"{type(options).__name__}",
+                                   "use histotile.options.PredictOptions(...) or keywords")
+    return options.replace(**overrides) if overrides else options
+
+
+def fingerprint_for(options: PredictOptions) -> dict[str, Any]:
+    """The resume fingerprint ``options`` give (reads the model card; ``auto`` device imports
+    torch)."""
+    return derive_fingerprint(options, LazyModel(options.model, options.device).card)
+
+
+def predict(inputs: str | Path | Sequence[str | Path], out_dir: str | Path = "histotile-out",
+            options: PredictOptions | None = None, *, on_error: Any = "report",
+            **overrides: Any) -> BatchSummary:
+    """Predict every slide/archive in ``inputs`` into ``out_dir/<stem>/``.
+
+    ``inputs``: files, folders (sorted, recursive), globs or list files. ``options``: a
+    :class:`histotile.options.PredictOptions` (default: all defaults); keyword ``overrides``
+    replace its fields (``model=``, ``stain_norm=``, ``gradcam=``, ...) and its batch fields
+    (``executor=``, ``jobs=``, ``shard=``, ``overwrite=``, ...). Finished items whose recorded
+    fingerprint equals this run's are skipped unless ``overwrite``. One failing item does not
+    stop the others: see the returned summary (``.failed``, ``.exit_code``, ``.manifest``).
+    ``on_error``: ``"report"``, ``"raise"`` or a callable ``(item, result)``.
+    """
+    options = resolve_options(options, dict(overrides))
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if options.command is None:
+        options = options.replace(command=library_command(inputs, out_dir, options.model))
+    model = LazyModel(options.model, options.device)  # the card: one error, up front
+    check_against_card(options, model.card)
+    if options.device not in ("auto", "cpu"):  # an unavailable device: one error, up front
+        from histotile.models.loading import resolve_device
+
+        resolve_device(options.device)
+    items = expand_inputs(inputs)
+    fingerprint = derive_fingerprint(options, model.card)
+    batch = options.batch.run_items_kwargs()
+    if isinstance(batch["shard"], str) or batch["shard"] is None:
+        batch["shard"] = resolve_shard(batch["shard"])
+    return run_items(items, out_dir, functools.partial(make_predict_process, options),
+                     fingerprint, progress=options.progress, on_error=on_error, **batch)

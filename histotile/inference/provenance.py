@@ -1,0 +1,99 @@
+"""What a predict run records about itself: stage timings, the environment, the command line,
+and the accuracy lines printed for archives with labels."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from histotile import __version__
+
+if TYPE_CHECKING:
+    from histotile.batch import BatchSummary
+    from histotile.inference.context import PredictContext
+
+
+class StageTimer:
+    """Seconds per named stage (``with timer("tissue"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def progress_bar(total: int, enabled: bool, name: str) -> Any:
+    """One tqdm bar per item (``None`` when quiet)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name[-30:], unit="patch", leave=False, file=sys.stderr)
+
+
+def git_commit() -> str | None:
+    """The commit of the histotile checkout, when it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(ctx: PredictContext) -> dict[str, Any]:
+    """Versions, device, threads and the command line, for run.json."""
+    import torch
+
+    dev = ctx.model.device
+    info: dict[str, Any] = {"histotile_version": __version__, "git_commit": git_commit(),
+                            "command": ctx.options.command, "torch_version": torch.__version__,
+                            "device": str(dev), "torch_threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def library_command(inputs: Any, out_dir: Any, model: Any) -> str:
+    """The command recorded for a call from Python."""
+    argv = " ".join(shlex.quote(a) for a in sys.argv)
+    return f"{argv} :: histotile.predict({list(map(str, inputs))!r}, out_dir={str(out_dir)!r}, " \
+           f"model={model!r}) [pid {os.getpid()}]"
+
+
+def accuracy_lines(summary: BatchSummary) -> list[str]:
+    """``<name>: accuracy 0.912 (912/1000)`` for each finished archive with labels."""
+    lines = []
+    for r in summary.results:
+        if r.status not in ("done", "skipped") or not r.output:
+            continue
+        try:
+            run = json.loads((Path(r.output) / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if run.get("accuracy") is not None:
+            lines.append(f"{Path(r.slide).name}: accuracy {run['accuracy']:.4f} "
+                         f"({run['correct']}/{run['patches']}), balanced accuracy "
+                         f"{run['balanced_accuracy']:.4f}")
+    return lines

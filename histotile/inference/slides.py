@@ -1,0 +1,287 @@
+"""``predict`` on one slide: tissue, grid, the slide's stain fit, inference streamed into the
+heatmap (OME-Zarr), predictions.csv, QuPath GeoJSON and the pictures; optional Grad-CAM or ViT
+attention maps stitched beside the heatmap, merged QuPath classes and an OME-TIFF.
+
+Grad-CAM (``gradcam``): one forward + backward per batch (:class:`histotile.explain.GradCAM`
+at the architecture's last conv block or ``cam_layer``) gives the probabilities and the raw map
+of ``cam_class`` (the argmax, or a named class); maps are stitched by
+:class:`histotile.explain.CamStitcher` at ``cam_resolution`` level-0 px per CAM pixel, default
+``patch_size_level0 / 8``, overlapping patches averaged. ``gradcam_mean`` is the mean of a
+patch's raw map at the layer's grid (not normalised, comparable between patches of one run).
+ViT attention (``attention``): the head-averaged raw CLS-row attention of the last block
+(:func:`histotile.attention.cls_attention`) stitched the same way into an ``attention`` image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histotile.errors import CorruptSlideError, HistotileError, NoTissueError
+from histotile.inference.context import PredictContext
+from histotile.inference.provenance import StageTimer, environment, progress_bar
+from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
+
+CAM_PIXELS_PER_PATCH = 8  # default --cam-resolution = patch_size_level0 / this
+
+
+def _slide_stain_sample(slide: Any, grid: Any) -> np.ndarray:
+    from histotile.patches import sample_patches
+
+    return sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
+
+
+def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, Any]:
+    """Predict one slide into ``tmp_dir`` (every output but run.json); returns run info."""
+    from histotile.grid import make_grid
+    from histotile.patches import plan_regions
+    from histotile.slide import open_slide
+    from histotile.tissue import detect_tissue
+
+    timer = StageTimer()
+    card = ctx.model.card
+    with timer("open"):
+        try:
+            slide = open_slide(item, backend=ctx.options.backend, slide_mpp=ctx.options.slide_mpp)
+        except HistotileError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader crash on a damaged file
+            raise CorruptSlideError(
+                f"cannot be read as a slide ({type(exc).__name__}: {exc})",
+                "the file may be truncated or corrupt; re-copy it", subject=str(item)) from exc
+    with slide:
+        slide.require_mpp()
+        with timer("tissue"):
+            tissue = detect_tissue(slide)
+            grid = make_grid(slide, card.patch_size, target_mpp=card.mpp,
+                             overlap=ctx.options.overlap, tissue=tissue,
+                             min_tissue=ctx.options.min_tissue)
+        if len(grid) == 0:
+            raise NoTissueError(
+                f"no patch has at least {ctx.options.min_tissue:.0%} tissue",
+                "lower --min-tissue, or check the slide (blank? wrong --slide-mpp?)",
+                subject=str(item))
+        regions = plan_regions(grid, slide, ctx.options.region_size)
+        with timer("stain"):
+            stain, stain_info = ctx.slide_stain_step(_slide_stain_sample(slide, grid),
+                                                     str(item))
+        stats, extra_info = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, ctx,
+                                       timer)
+        slide_info = slide.info()
+    timer.add("read", stats.read_s)
+    timer.add("stain", stats.stain_s)
+    timer.add("model", stats.model_s)
+    return {
+        **environment(ctx),
+        "kind": "slide", "patches": len(grid), "regions": len(regions),
+        "model": ctx.model.describe(),
+        "mpp": {"slide_mpp": grid.slide_mpp, "source": grid.mpp_source,
+                "target_mpp": grid.target_mpp, "effective_mpp": grid.effective_mpp,
+                "level": grid.level},
+        "grid": grid.to_attrs(),
+        "tissue": {"method": tissue.method, "threshold": float(tissue.threshold),
+                   "fraction": round(tissue.fraction, 4), "downsample": tissue.downsample,
+                   "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape)},
+        "stain": stain_info,
+        "settings": {"batch_size": ctx.options.batch_size, "workers": ctx.effective_workers(),
+                     "min_tissue": ctx.options.min_tissue, "overlap": ctx.options.overlap,
+                     "backend": slide_info.get("backend"),
+                     "pixel_reader": slide_info.get("pixel_reader"),
+                     "compute": ctx.compute_info()},
+        **ctx.settings_info(),
+        "slide_info": slide_info,
+        "engine": stats.to_dict(),
+        "timings": timer.rounded(),
+        **extra_info,
+        "files": sorted([p.name for p in tmp_dir.iterdir()] + ["run.json"]),
+    }
+
+
+def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: Any,
+               tmp_dir: Path, ctx: PredictContext, timer: StageTimer
+               ) -> tuple[Any, dict[str, Any]]:
+    """Stream the slide through the model into the writers; returns (engine stats, run info)."""
+    from histotile.engine import EngineStats, run_inference
+    from histotile.export.csv import PredictionsCSVWriter
+    from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter
+    from histotile.stitch import HeatmapWriter
+
+    card = ctx.model.card
+    names, colors = card.class_names, card.class_colors
+    seed = Path(str(slide.path)).name
+    attrs = {**grid.to_attrs(), "model": card.name, "slide": str(slide.path)}
+    stats = EngineStats()
+    heat = HeatmapWriter(tmp_dir / "heatmap.ome.zarr", grid.grid_shape, grid.indices, names,
+                         colors, attrs)
+    extra_cols = ["gradcam_mean"] if ctx.options.gradcam else []
+    table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0,
+                                 extra_columns=extra_cols)
+    geo = GeoJSONTileWriter(tmp_dir / (TILES_PLAIN if ctx.options.geojson_plain else TILES_GZ),
+                            names, colors, object_type=ctx.options.qupath_object_type,
+                            min_prob=ctx.options.qupath_min_prob,
+                            gzip=not ctx.options.geojson_plain,
+                            id_seed=seed)
+    writers: list[Any] = [heat, table, geo]
+    stitcher, explain = (_gradcam_parts(heat, grid, ctx) if ctx.options.gradcam else
+                         _attention_parts(heat, grid, ctx) if ctx.options.attention else
+                         (None, None))
+    labels = np.zeros(len(grid), np.int32)  # argmax per patch, for the overlay
+    bar = progress_bar(len(grid), ctx.options.progress, seed)
+    try:
+        for idx, coords, probs, *maps in run_inference(
+                slide.spec, grid, regions, ctx.model, ctx.model.device,
+                batch_size=ctx.options.batch_size, workers=ctx.options.workers, stain=stain,
+                stats=stats, on_batch=bar.update if bar is not None else None,
+                explain=explain, plan=ctx.compute):
+            labels[idx] = probs.argmax(axis=1)
+            extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and ctx.options.gradcam
+                     else None)
+            with timer("stitch"):
+                heat.write(grid.indices[idx], probs)
+                if stitcher is not None:
+                    stitcher.add(grid.indices[idx], maps[0])
+            with timer("export"):
+                table.write(coords, probs, extra=extra)
+                geo.write(coords, probs, grid.patch_size_level0, extra=extra)
+        with timer("stitch"):
+            if stitcher is not None:
+                stitcher.close()  # before the writer builds the pyramids
+            heat.close()
+        with timer("export"):
+            table.close()
+            geo.close()
+            _pictures(tmp_dir, tissue, grid, labels, ctx)
+            info = _extra_outputs(tmp_dir, tissue, ctx, seed, stitcher, geo)
+    except BaseException:
+        for w in writers:
+            with contextlib.suppress(Exception):
+                w.abort()
+        _drop_cam_scratch(stitcher)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats, info
+
+
+def default_cam_resolution(patch_size_level0: Any) -> float:
+    """Level-0 px per CAM pixel when ``--cam-resolution`` is not given: the patch's level-0 side
+    over :data:`CAM_PIXELS_PER_PATCH` (8 CAM pixels per patch side), rounded, at least 1."""
+    side = float(np.max(np.asarray(patch_size_level0, dtype=np.float64)))
+    return float(max(1, round(side / CAM_PIXELS_PER_PATCH)))
+
+
+def _gradcam_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
+    """The CAM stitcher on the heatmap store and the engine's ``explain`` factory."""
+    from histotile.explain import CamStitcher, _cam_target
+
+    card = ctx.model.card
+    target = _cam_target(ctx.options.cam_class, card.class_names)
+    resolution = ctx.options.cam_resolution or default_cam_resolution(grid.patch_size_level0)
+    label = "predicted class" if target == "predicted" else card.class_names[int(target)]
+    stitcher = CamStitcher.from_grid(
+        heat, grid, resolution, class_name=f"Grad-CAM ({label})",
+        attrs={"cam_class": ctx.options.cam_class, "cam_layer": ctx.options.cam_layer or "default"})
+    return stitcher, functools.partial(_make_cam, ctx=ctx, target=target)
+
+
+def _attention_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
+    """The ``attention`` image's stitcher and the engine's ``explain`` factory (ViT only)."""
+    from histotile.explain import CamStitcher
+
+    resolution = ctx.options.cam_resolution or default_cam_resolution(grid.patch_size_level0)
+    stitcher = CamStitcher.from_grid(
+        heat, grid, resolution, name="attention",
+        class_name="CLS attention (last block, head mean)",
+        attrs={"method": "attention", "block_attention": "last", "heads": "mean"})
+    return stitcher, _make_attention
+
+
+def _make_attention(loaded: Any) -> Any:
+    """``x -> (head-mean CLS attention (B, g, g), probs)`` for a loaded ViT."""
+    from histotile.attention import cls_attention
+
+    def fn(x: Any) -> Any:
+        per_head, probs = cls_attention(loaded.module, x)
+        return per_head.mean(dim=1), probs
+
+    return fn
+
+
+def _make_cam(loaded: Any, ctx: PredictContext, target: str | int) -> Any:
+    """``x -> (raw maps at the layer's grid, probs)`` for a loaded model (a GradCAM pass)."""
+    from histotile.explain import GradCAM, resolve_layer
+
+    layer = resolve_layer(loaded.module, ctx.options.cam_layer,
+                          loaded.card.architecture.name)
+    cam = GradCAM(loaded.module, layer)
+    return functools.partial(cam, target=target, normalise="none", size=0)
+
+
+def _drop_cam_scratch(stitcher: Any) -> None:
+    scratch = getattr(stitcher, "_scratch", None)
+    if scratch is not None:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
+                   stitcher: Any, geo: Any) -> dict[str, Any]:
+    """Files made from the closed store/CSV (Grad-CAM overlay, merged classes, OME-TIFF) and
+    their run.json info."""
+    card = ctx.model.card
+    info: dict[str, Any] = {"qupath": {
+        "tiles": geo.path.name, "object_type": ctx.options.qupath_object_type,
+        "min_prob": ctx.options.qupath_min_prob, "tiles_written": geo.count,
+        "tiles_dropped": geo.dropped, "merged": ctx.options.qupath_merge}}
+    if stitcher is not None and ctx.options.attention:
+        from histotile.explain import write_gradcam_overlay_from_store
+
+        write_gradcam_overlay_from_store(tmp_dir / "attention_overlay.png",
+                                         tmp_dir / "heatmap.ome.zarr", tissue.thumbnail,
+                                         tissue.downsample, name="attention",
+                                         title="ViT CLS attention (last block, head mean)")
+        info["attention"] = {
+            "method": "attention", "block": "last", "heads": "mean",
+            "cam_resolution_asked": ctx.options.cam_resolution,
+            "cam_resolution_level0": stitcher.resolution, "pixels_per_cell": stitcher.block,
+            "cam_scale": stitcher.cam_scale, "raw_max": stitcher.max_value,
+            "image": "heatmap.ome.zarr/attention"}
+    elif stitcher is not None:
+        from histotile.explain import write_gradcam_overlay_from_store
+
+        write_gradcam_overlay_from_store(tmp_dir / "gradcam_overlay.png",
+                                         tmp_dir / "heatmap.ome.zarr", tissue.thumbnail,
+                                         tissue.downsample)
+        info["gradcam"] = {
+            "method": "gradcam", "cam_class": ctx.options.cam_class,
+            "layer": ctx.options.cam_layer or "default", "cam_resolution_asked":
+            ctx.options.cam_resolution, "cam_resolution_level0": stitcher.resolution,
+            "block": stitcher.block, "cam_scale": stitcher.cam_scale,
+            "raw_max": stitcher.max_value, "image": "heatmap.ome.zarr/gradcam"}
+    if ctx.options.qupath_merge:
+        from histotile.export.qupath import write_merged
+
+        write_merged(tmp_dir, card.class_names, [list(c) for c in card.class_colors],
+                     gzip=not ctx.options.geojson_plain, id_seed=seed)
+    if ctx.options.ome_tiff:
+        from histotile.export.ome_tiff import export_ome_tiff
+
+        export_ome_tiff(tmp_dir)
+    return info
+
+
+def _pictures(tmp_dir: Path, tissue: Any, grid: Any, labels: np.ndarray,
+              ctx: PredictContext) -> None:
+    from histotile.export.overlay import write_mask_png, write_overlay
+
+    card = ctx.model.card
+    write_mask_png(tmp_dir / "tissue.png", tissue.mask)
+    write_overlay(tmp_dir / "overlay.png", tissue.thumbnail, tissue.downsample, grid.coords,
+                  grid.patch_size_level0, labels, card.class_names, card.class_colors,
+                  tissue_mask=tissue.mask)
