@@ -808,7 +808,8 @@ def predict(
     ``qupath_object_type`` (tile|detection), ``qupath_min_prob``, ``qupath_merge``: the QuPath
     export; ``ome_tiff``: also ``heatmap.ome.tif``.
     """
-    from histotile.batch import expand_inputs, resolve_shard, run_items
+    from histotile.batch import expand_inputs, resolve_shard
+    from histotile.hpc import run_items
 
     _validate(batch_size, workers, min_tissue, overlap, stain_norm, qupath_object_type,
               qupath_min_prob, cam_resolution)

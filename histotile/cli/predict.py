@@ -6,12 +6,11 @@ batch of the first slide is ready.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from histotile.cli.batch_options import batch_options
+from histotile.cli.batch_options import batch_options, print_failure, quiet_dask
 from histotile.cli.common import (
     backend_option,
     debug_flag,
@@ -100,7 +99,7 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
         list(inputs), out_dir=out_dir, model=model, device=device, batch_size=batch_size,
         workers=workers, slide_mpp=slide_mpp, stain_norm=stain_norm, min_tissue=min_tissue,
         overlap=overlap, split=split, backend=backend, **batch_opts,
-        progress=not quiet, on_error="raise" if debug else _print_failure,
+        progress=not quiet, on_error="raise" if debug else print_failure,
         command=invoked_command(ctx),
         gradcam=gradcam, cam_class=cam_class, cam_layer=cam_layer, cam_resolution=cam_resolution,
         attention=attention, geojson_plain=geojson_plain, qupath_object_type=qupath_object_type,
@@ -108,25 +107,5 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, model: st
     )
     for line in accuracy_lines(summary):
         click.echo(line)
-    if summary.failed:
-        sys.exit(1)  # (ctx.exit's code is lost under standalone_mode=False)
-
-
-def quiet_dask(executor: str) -> None:
-    """-q with a dask executor: dask's own INFO lines (scheduler, nanny, worker start and stop)
-    are not printed. ``distributed`` sets its loggers' levels when imported, so import it
-    first, then lower every ``distributed``/``dask`` logger to WARNING."""
-    if executor == "serial":
-        return
-    import distributed  # noqa: F401 - configures its loggers at import time
-
-    for name in list(logging.root.manager.loggerDict):
-        if name.split(".")[0] in ("distributed", "dask", "dask_jobqueue"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _print_failure(item, result) -> None:  # noqa: ANN001 - (Path, ItemResult)
-    text = result.error
-    if result.slide not in text:
-        text = f"{result.slide}: {text}"
-    click.echo(f"error: {text}", err=True)
+    if summary.exit_code:  # 1: an item failed; 75: items left busy in another run
+        sys.exit(summary.exit_code)  # (ctx.exit's code is lost under standalone_mode=False)
