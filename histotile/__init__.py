@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # public name -> "module:attribute", resolved on first access (PEP 562)
 _LAZY = {
     "open_slide": "histotile.slide:open_slide",
-    "tile": "histotile.tile:tile",
+    "tile": "histotile.tiling:tile",
     "predict": "histotile.inference:predict",
     "train": "histotile.train:train",
     "evaluate": "histotile.train:evaluate",

@@ -23,15 +23,14 @@ from typing import Any
 import numpy as np
 
 from histotile.errors import DatasetError, InputNotFoundError
+from histotile.items import item_format, item_kind
 
-H5_SUFFIXES = (".h5", ".hdf5", ".he5")
-NPZ_SUFFIXES = (".npz",)
 SPLITS = ("train", "val", "test")
 
 
 def is_archive(path: str | Path) -> bool:
-    """True for the file types :func:`open_archive` reads (by suffix)."""
-    return Path(path).suffix.lower() in H5_SUFFIXES + NPZ_SUFFIXES
+    """True for the file types :func:`open_archive` reads (by extension, :mod:`histotile.items`)."""
+    return item_kind(path) == "archive"
 
 
 @dataclass
@@ -84,10 +83,10 @@ def open_archive(path: str | Path, split: str = "test") -> PatchArchive:
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError("no such file", "check the path", subject=str(path))
-    suffix = path.suffix.lower()
-    if suffix in NPZ_SUFFIXES:
+    fmt = item_format(path)
+    if fmt == "medmnist-npz":
         return _open_npz(path, split)
-    if suffix in H5_SUFFIXES:
+    if fmt == "pcam-h5":
         return _open_h5(path)
     raise DatasetError("not a patch archive", "use a PCam .h5 or a MedMNIST .npz",
                        subject=str(path))

@@ -29,13 +29,12 @@ from histotile.errors import (
     MissingMppError,
     UnsupportedFormatError,
 )
+from histotile.items import item_kind
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openslide", "tiffslide")
 MPP_SOURCES = ("override", "openslide", "tiff-tags", "objective-estimate")
-SLIDE_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".bif", ".vms", ".vmu",
-                  ".svslide", ".dcm", ".qptiff", ".btf"}
 _UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0,
                 "micrometer": 1.0, "3": 10000.0, "2": 25400.0}
 _EPS = 1e-6
@@ -109,7 +108,7 @@ def _fast_pixel_reader(path: Path, slide: Slide) -> Any:
 
 
 def _not_a_slide(path: Path, exc: Exception) -> Exception:
-    if path.suffix.lower() in SLIDE_SUFFIXES:
+    if item_kind(path) == "slide":
         return CorruptSlideError(
             f"cannot be read as a slide ({type(exc).__name__}: {exc})".replace("\n", " "),
             "the file may be truncated or corrupt; re-copy or re-download it", subject=str(path),

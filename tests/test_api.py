@@ -8,7 +8,7 @@ import sys
 
 def test_entry_points_callable_after_submodule_import() -> None:
     code = (
-        "import histotile.tile, histotile.inference, histotile.train, histotile\n"
+        "import histotile.tiling, histotile.inference, histotile.train, histotile\n"
         "assert callable(histotile.tile) and callable(histotile.predict)\n"
         "assert callable(histotile.train) and callable(histotile.evaluate)\n"
         "assert histotile.train.train is histotile.train.loop.train\n"

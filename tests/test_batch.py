@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from conftest import real_data
 
-from histotile import batch
 from histotile.batch import (
     ItemLock,
     expand_inputs,
@@ -128,8 +127,7 @@ def test_equal_stems_are_disambiguated_deterministically(tmp_path: Path) -> None
     a = make_slide_folder(tmp_path / "a", ["case.svs"]) / "case.svs"
     b = make_slide_folder(tmp_path / "b", ["case.svs", "other.svs"]) / "case.svs"
     stems = item_stems([a, b, b.parent / "other.svs"])
-    assert stems[2] == "other"
-    assert stems[0] != stems[1] and all(s.startswith("case-") for s in stems[:2])
+    assert stems == ["case", "case-2", "other"]  # numbered in sorted path order
     assert item_stems([b, a]) == [stems[1], stems[0]]  # names depend on the path, not order
 
 
@@ -231,7 +229,7 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path) -> None:
         (out / name / "partial").write_text("x")
     run_batch(expand_inputs([str(folder / "a.svs")]), out, thumb_process, {}, progress=False)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
-        ".locks", ".tmp-a-b-89abcdef"]  # another item's leftover is not touched
+        ".locks", ".state", ".tmp-a-b-89abcdef"]  # another item's leftover is not touched
     assert list((out / ".locks").iterdir()) == []
 
 
@@ -266,11 +264,11 @@ def test_locks_live_dead_and_foreign(tmp_path: Path) -> None:
     host = socket.gethostname()
     lock = _write_lock(out, "a", host, os.getpid())  # a live holder on this host
     r = process_item(item, "a", out, thumb_process, {})
-    assert r.status == "skipped" and "in progress elsewhere" in r.error
+    assert r.status == "busy" and "in progress elsewhere" in r.error
     assert lock.exists() and not (out / "a").exists()
 
     _write_lock(out, "a", "other-node", 12345)  # another host, recently refreshed: respected
-    assert process_item(item, "a", out, thumb_process, {}).status == "skipped"
+    assert process_item(item, "a", out, thumb_process, {}).status == "busy"
     _write_lock(out, "a", "other-node", 12345, age_s=3600)  # another host, not refreshed: stale
     assert process_item(item, "a", out, thumb_process, {}, lock_timeout=600).status == "done"
     assert not lock.exists()
@@ -281,8 +279,8 @@ def test_locks_live_dead_and_foreign(tmp_path: Path) -> None:
     (out / ".tmp-a-0badc0de").mkdir()
     assert process_item(item, "a", out, thumb_process, {}).status == "skipped"
     assert not lock.exists() and not (out / ".tmp-a-0badc0de").exists()
-    lock.write_text("")  # killed between create and write: judged by age only
-    assert process_item(item, "a", out, thumb_process, {}, overwrite=True).status == "skipped"
+    lock.write_text("")  # an empty lock this young may be mid-write: respected for a moment
+    assert process_item(item, "a", out, thumb_process, {}, overwrite=True).status == "busy"
 
 
 def test_item_lock_is_exclusive_and_heartbeats(tmp_path: Path) -> None:
@@ -345,6 +343,9 @@ def _starts(counter: Path) -> list[str]:
 def _snapshot(out: Path) -> dict[str, bytes]:
     files = {}
     for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if rel.startswith(".state/"):  # the state record holds pids and times
+            continue
         if p.is_file() and p.name != "run.json" and "manifest" not in p.name:
             files[p.relative_to(out).as_posix()] = p.read_bytes()
     for run in out.glob("*/run.json"):
@@ -386,6 +387,9 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tmp_path: Path)
     assert _snapshot(out) == _snapshot(ref_out)  # identical to the uninterrupted run
     leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert leftovers == [] and list((out / ".locks").iterdir()) == []
+    states = [json.loads(p.read_text()) for p in (out / ".state").glob("*.json")]
+    assert len(states) == len(names) and {s["status"] for s in states} == {"done"}
+    assert sum(s["attempts"] for s in states) == len(starts)  # one attempt per start
     rows = read_manifest(out / "manifest.csv")
     assert {r["status"] for r in rows} <= {"done", "skipped"} and len(rows) == len(names)
 
@@ -395,7 +399,10 @@ def test_two_concurrent_runs_never_process_the_same_item(tmp_path: Path) -> None
     folder = make_slide_folder(tmp_path / "in", names)
     out, counter = tmp_path / "out", tmp_path / "counter.txt"
     procs = [_worker(tmp_path, folder, out, counter, 0.08) for _ in range(2)]
-    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    codes = [p.wait(timeout=180) for p in procs]
+    # an item still held by the other run at the end is "busy" (exit 75), not success; the run
+    # that finishes last sees everything done
+    assert set(codes) <= {0, 75} and 0 in codes
     lines = counter.read_text().splitlines()
     started = [ln.split()[1] for ln in lines]
     assert sorted(started) == sorted(names)  # each item processed exactly once
@@ -403,11 +410,174 @@ def test_two_concurrent_runs_never_process_the_same_item(tmp_path: Path) -> None
     assert _finished(out) == {n.removesuffix(".svs") for n in names}
 
 
-def test_probe_entry_point_on_real_slides(tmp_path: Path) -> None:
-    folder = make_slide_folder(tmp_path / "in", ["p.svs"], corrupt="bad.svs")
+# --------------------------------------------------------------------------- issue 17.5: locks
+
+def test_issue17_5_zero_byte_lock_left_by_a_full_disk_is_stale(tmp_path: Path) -> None:
+    """A 0-byte lock (a run whose disk filled between create and write) was read as 'in progress
+    elsewhere (host ?, pid ?)' and the slide skipped with exit 0, never computed."""
+    folder = make_slide_folder(tmp_path / "in", ["a.svs", "b.svs"])
     out = tmp_path / "out"
-    rc = batch._main(["probe", str(folder), "-o", str(out), "--shard", "0/1"])
-    assert rc == 1  # one corrupt slide
-    info = json.loads((out / "p" / "info.json").read_text())
-    assert (info["width"], info["height"]) == (2220, 2967)
-    assert [r["status"] for r in read_manifest(out / "manifest-0-of-1.csv")] == ["failed", "done"]
+    lock = out / ".locks" / "a.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")  # GENERATED: what the full disk left
+    past = time.time() - 30
+    os.utime(lock, (past, past))
+    summary = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    assert [r.status for r in summary.results] == ["done", "done"] and summary.exit_code == 0
+    assert (out / "a" / "run.json").exists() and not lock.exists()
+    lock.write_text("{not json")  # GENERATED: a torn lock is stale as well
+    os.utime(lock, (past, past))
+    again = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, overwrite=True,
+                      progress=False)
+    assert [r.status for r in again.results] == ["done", "done"]
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    from histotile.batch import expand_inputs, run_batch
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # writes fail with EFBIG instead
+    items = expand_inputs([sys.argv[1]])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))  # a full disk
+    def process(item, tmp):
+        (tmp / "x.txt").write_text("data")
+        return {}
+    try:
+        run_batch(items, sys.argv[2], process, {}, progress=False)
+    except OSError as exc:
+        print("raised", exc)
+""")
+
+
+def test_issue17_5_full_disk_leaves_no_lock_and_no_part_file(tmp_path: Path) -> None:
+    """Writes failing (file size limit 0, as on a full disk) must leave no lock and no .part
+    file; the next run computes the slide."""
+    folder = make_slide_folder(tmp_path / "in", ["a.svs"])
+    out = tmp_path / "out"
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, str(script), str(folder), str(out)], env=env, check=True,
+                   timeout=120)
+    left = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert left == []  # no 0-byte lock, no .part, no half state record or manifest
+    summary = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    assert [r.status for r in summary.results] == ["done"] and summary.exit_code == 0
+
+
+def test_issue17_5_busy_item_is_not_success(tmp_path: Path, caplog) -> None:
+    """A slide skipped because another run holds it was 'skipped' with exit 0."""
+    folder = make_slide_folder(tmp_path / "in", ["a.svs", "b.svs"])
+    out = tmp_path / "out"
+    _write_lock(out, "b", "other-node", 4242)  # a live holder on another node
+    with caplog.at_level("WARNING"):
+        summary = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    assert [r.status for r in summary.results] == ["done", "busy"]
+    assert summary.exit_code == 75 and "other-node" in summary.busy[0].error
+    assert [r["status"] for r in read_manifest(out / "manifest.csv")] == ["done", "busy"]
+    assert any("1 of 2 items are being computed by another run" in m for m in caplog.messages)
+    assert "busy: b.svs" in summary.table()
+    (out / ".locks" / "b.lock").unlink()  # that run ended without finishing b
+    rerun = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    assert [r.status for r in rerun.results] == ["skipped", "done"] and rerun.exit_code == 0
+
+
+# --------------------------------------------------------------------------- issue 17.6, 17.10
+
+def test_issue17_6_dot_inside_a_dicom_series_folder_names_it_and_touches_nothing_else(
+        tmp_path: Path, monkeypatch) -> None:
+    """`predict .` in a DICOM folder gave an empty stem; the commit then renamed the whole
+    output folder (with other slides' results) away and crashed."""
+    series = tmp_path / "case-7"
+    shutil.copytree(real_data("slides/CMU-1-Small-Region-dicom"), series)
+    out = tmp_path / "out"
+    (out / "other").mkdir(parents=True)  # another slide's finished result
+    (out / "other" / "run.json").write_text('{"status": "done"}')
+    monkeypatch.chdir(series)
+    items = expand_inputs(["."])
+    assert item_stems(items) == ["case-7"]
+    summary = run_batch(items, out, thumb_process, {}, progress=False)
+    assert [r.status for r in summary.results] == ["done"]
+    assert (out / "case-7" / "thumb.png").exists() and (out / "other" / "run.json").exists()
+    bare = sorted(p.name for p in series.glob("*.dcm"))[0]  # a bare relative .dcm
+    assert item_stems(expand_inputs([bare])) == ["case-7"]
+    monkeypatch.chdir("/")
+    with pytest.raises(InvalidArgumentError, match="output name"):
+        item_stems([Path("/")])
+
+
+def test_issue17_10_missing_path_among_valid_inputs_is_recorded_and_the_rest_run(
+        tmp_path: Path) -> None:
+    """One missing path among several inputs aborted the call before any slide ran."""
+    folder = make_slide_folder(tmp_path / "in", ["a.svs", "b.svs"])
+    inputs = [str(folder / "a.svs"), str(tmp_path / "missing.svs"), str(folder / "b.svs"),
+              str(tmp_path / "nothing-*.svs")]
+    items = expand_inputs(inputs)
+    assert [p.name for p in items] == ["a.svs", "missing.svs", "b.svs", "nothing-*.svs"]
+    summary = run_batch(items, tmp_path / "out", thumb_process, {}, progress=False)
+    assert [r.status for r in summary.results] == ["done", "failed", "done", "failed"]
+    assert "no such file" in summary.results[1].error
+    assert "matches no slide" in summary.results[3].error
+    with pytest.raises(InputNotFoundError, match="no such file"):  # nothing exists at all
+        expand_inputs([str(tmp_path / "missing.svs"), str(tmp_path / "gone.svs")])
+
+
+# --------------------------------------------------------------------------- issue 16: items
+
+def test_issue16_folder_scan_finds_every_extension_the_readers_open(tmp_path: Path) -> None:
+    """.qptiff, .btf and .he5 were opened one by one but skipped by a folder scan."""
+    from histotile.items import ITEM_TABLE, item_kind
+
+    root = tmp_path / "in"
+    root.mkdir()
+    names = ["a.qptiff", "b.btf", "c.he5", "d.ome.tiff", "e.OME.TIF", "f.SVS", "g.npz",
+             "h.hdf5", "list.txt", "notes.md"]
+    for name in names:
+        (root / name).write_bytes(b"generated")
+    found = [p.name for p in expand_inputs([str(root)])]
+    assert found == names[:8]  # lists and unknown files are not items of a scan
+    slides = ["a.qptiff", "b.btf", "d.ome.tiff", "e.OME.TIF", "f.SVS"]
+    assert [p.name for p in expand_inputs([str(root)], kinds=("slide",))] == slides
+    assert item_stems([root / n for n in names[:6]]) == ["a", "b", "c", "d", "e", "f"]
+    assert {item_kind(f"x{ext}") for ext in ITEM_TABLE} == {"slide", "archive", "list"}
+
+
+def test_stem_taken_by_another_slide_is_refused_not_replaced(tmp_path: Path) -> None:
+    """Names depend on the set of items (s, s-2): a run over b/s.svs alone must not skip on,
+    or replace, a/s.svs's results that sit under the same name."""
+    a = make_slide_folder(tmp_path / "a", ["s.svs"]) / "s.svs"
+    b = make_slide_folder(tmp_path / "b", ["s.svs"]) / "s.svs"
+    out = tmp_path / "out"
+    assert run_batch([a], out, thumb_process, {}, progress=False).exit_code == 0
+    proc = Counting()
+    summary = run_batch([b], out, proc, {}, progress=False)
+    assert summary.results[0].status == "failed" and proc.calls == []
+    assert "already holds the results of" in summary.results[0].error
+    assert json.loads((out / "s" / "run.json").read_text())["slide"] == str(a)
+    (out / "logs").mkdir()  # not a histotile result: never replaced, and 'logs' is reserved
+    assert item_stems([tmp_path / "logs.svs"]) == ["logs-item"]
+    (out / "foreign").mkdir()
+    res = process_item(b, "foreign", out, thumb_process, {})
+    assert res.status == "failed" and "not a histotile result" in res.error
+    assert run_batch([b], out, thumb_process, {}, overwrite=True, progress=False).exit_code == 0
+
+
+def test_state_record_on_every_outcome(tmp_path: Path) -> None:
+    folder = make_slide_folder(tmp_path / "in", ["a.svs"], corrupt="broken.svs")
+    out = tmp_path / "out"
+    run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    state = {p.stem: json.loads(p.read_text()) for p in (out / ".state").glob("*.json")}
+    assert state["a"]["status"] == "done" and state["a"]["attempts"] == 1
+    assert state["broken"]["status"] == "failed" and state["broken"]["reason"]
+    run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    again = json.loads((out / ".state" / "broken.json").read_text())
+    assert again["attempts"] == 2 and again["status"] == "failed"
+    assert json.loads((out / ".state" / "a.json").read_text())["attempts"] == 1  # skipped
+
+
+def test_python_api_shard_does_not_read_slurm_env(monkeypatch) -> None:
+    """The library took the shard from SLURM_ARRAY_TASK_* silently; only the CLI reads it."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert resolve_shard(None) is None
+    assert resolve_shard(None, os.environ) == (1, 3)
+    assert resolve_shard((2, 3)) == (2, 3)

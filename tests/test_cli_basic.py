@@ -80,10 +80,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, cmu_small, capsys):
     (junk / "a.txt").write_text("x")
     code, _, err = run(["info", str(junk)], capsys)
     assert_one_line_error(code, err, "folder")
-    txt = tmp_path / "notes.txt"
-    txt.write_text("not a slide")
-    code, _, err = run(["tile", str(txt), "-o", out], capsys)
-    assert_one_line_error(code, err, "notes.txt", "not a slide format")
+    notes = tmp_path / "notes.dat"  # (a .txt is a list of inputs for every multi-item command)
+    notes.write_text("not a slide")
+    code, _, err = run(["tile", str(notes), "-o", out], capsys)
+    assert_one_line_error(code, err, "notes.dat", "not a slide format")
     truncated = tmp_path / "generated-truncated.svs"  # generated: a cut copy of the real SVS
     data = cmu_small.read_bytes()
     truncated.write_bytes(data[: len(data) // 3])

@@ -19,9 +19,10 @@ from click.testing import CliRunner
 from conftest import real_data
 
 from histotile import hpc
-from histotile.batch import expand_inputs, make_probe_process, run_batch, run_items
+from histotile.batch import expand_inputs, make_probe_process, run_batch
 from histotile.cli import cli
 from histotile.cli.batch_options import batch_options, pop_batch_options
+from histotile.hpc import run_items
 
 
 def slide_folder(folder: Path, names: list[str], corrupt: str | None = None) -> Path:
@@ -59,6 +60,17 @@ def test_slurm_script_contents(tmp_path: Path) -> None:
 
     cpu = hpc.slurm_script(["a.svs"], "o", 1, gpus_per_task=0)
     assert "gpus" not in cpu and "#SBATCH --array=0-0" in cpu and "partition" not in cpu
+
+
+def test_sbatch_cpu_job_does_not_force_workers() -> None:
+    """CPU array tasks ran `--workers $SLURM_CPUS_PER_TASK`, leaving the model one thread."""
+    cpu = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=0, cpus_per_task=8)
+    assert "--workers" not in cpu and "#SBATCH --cpus-per-task=8" in cpu
+    gpu = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=1, cpus_per_task=8)
+    assert '--workers "${SLURM_CPUS_PER_TASK:-1}"' in gpu.splitlines()[-1]
+    tile = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=0, command="histotile tile",
+                            predict_args=["--limit", "5"])
+    assert tile.splitlines()[-1].endswith("-o " + os.path.abspath("o") + " --limit 5")
 
 
 def test_slurm_script_rejects_bad_sizes() -> None:

@@ -22,7 +22,7 @@ from histotile.patches import (
     tile_size,
 )
 from histotile.slide import open_slide
-from histotile.tile import tile_slide
+from histotile.tiling import tile_slide
 
 
 def _direct(slide, grid, i):
@@ -156,15 +156,16 @@ def test_no_tissue_gives_empty_archive_and_warning(tmp_path, caplog):
 
 def test_library_tile_multi_slide(cmu_small, tmp_path):
     import histotile
-    from histotile.errors import HistotileError
 
     bad = tmp_path / "generated-corrupt.svs"  # generated: a cut copy of the real SVS
     bad.write_bytes(cmu_small.read_bytes()[:5000])
-    with pytest.raises(HistotileError, match="1 of 2 slides failed"):
-        histotile.tile([bad, cmu_small], tmp_path / "o", limit=3)
+    summary = histotile.tile([bad, cmu_small], tmp_path / "o", limit=3, progress=False)
+    assert [r.status for r in summary.results] == ["failed", "done"]
+    assert summary.exit_code == 1 and "generated-corrupt.svs" in summary.failed[0].error
     assert (tmp_path / "o" / "CMU-1-Small-Region.h5").exists()
-    results = histotile.tile(cmu_small, tmp_path / "o2", patch_size=28, mpp=0.5, limit=3)
-    assert [r.n_patches for r in results] == [3]
+    summary = histotile.tile(cmu_small, tmp_path / "o2", patch_size=28, mpp=0.5, limit=3,
+                             progress=False)
+    assert [r.patches for r in summary.results] == [3] and summary.exit_code == 0
 
 
 def test_sample_patches_is_seeded_and_equals_direct_reads(cmu_small):
@@ -238,3 +239,135 @@ def test_tile_stain_norm_on_blank_regions(cmu_small, tmp_path, caplog):
     assert r2.attrs["stain_method"] == "macenko" and x.dtype == np.uint8
     blank = x[frac == 0]
     assert len(blank) > 10 and blank.mean() > 200
+
+
+# ------------------------------------------------------------------ tile through the runner
+
+def _copies(folder, names, cmu_small):
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(cmu_small, folder / name)
+    return folder
+
+
+def test_issue17_7_two_concurrent_tile_runs_into_one_folder(cmu_small, tmp_path):
+    """Two `tile` runs into one folder shared the temp name .<name>.h5.tmp: both exited 1 and
+    the folder was left empty."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = _copies(tmp_path / "in", [f"s{i}.svs" for i in range(3)], cmu_small)
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "histotile", "-q", "tile", str(folder), "-o", str(out),
+           "--limit", "30"]
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    errs = [p.stderr.read() for p in procs]
+    assert set(codes) <= {0, 75} and 0 in codes, errs  # 75: left a slide to the other run
+    for i in range(3):
+        with h5py.File(out / f"s{i}.h5") as f:
+            assert f["x"].shape == (30, 96, 96, 3)
+        assert (out / f"s{i}.tissue.png").exists() and (out / f"s{i}.run.json").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert list((out / ".locks").iterdir()) == []
+
+
+def test_issue16_tile_same_name_in_two_folders_writes_two_archives(cmu_small, tmp_path):
+    """`tile a/s.svs b/s.svs` wrote s.h5 twice (the second replaced the first)."""
+    import histotile
+
+    a = _copies(tmp_path / "a", ["s.svs"], cmu_small) / "s.svs"
+    b = _copies(tmp_path / "b", ["s.svs"], cmu_small) / "s.svs"
+    summary = histotile.tile([b, a], tmp_path / "out", limit=2, progress=False)
+    assert [r.output for r in summary.results] == [str(tmp_path / "out" / "s-2.h5"),
+                                                   str(tmp_path / "out" / "s.h5")]
+    with h5py.File(tmp_path / "out" / "s.h5") as f:
+        assert f.attrs["source_path"] == str(a.resolve())
+    with h5py.File(tmp_path / "out" / "s-2.h5") as f:
+        assert f.attrs["source_path"] == str(b.resolve())
+
+
+def test_issue16_tile_and_predict_name_outputs_alike(tmp_path):
+    """tile named x.ome.tiff 'x.ome' and a DICOM level file 'level-0...' where predict said
+    'x' and the series folder: both now use histotile.items."""
+    import shutil
+
+    import histotile
+    from histotile.batch import run_batch
+
+    boxes = real_data("slides/boxes-synthetic.tiff")
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(boxes, src / "x.ome.tiff")
+    series = tmp_path / "series-9"
+    shutil.copytree(real_data("slides/CMU-1-Small-Region-dicom"), series)
+    level0 = sorted(series.glob("level-0*.dcm"))[0]
+    summary = histotile.tile([src / "x.ome.tiff", level0], tmp_path / "t", level=0,
+                             patch_size=16, min_tissue=0.0, limit=2, progress=False)
+    assert summary.exit_code == 0, summary.table()
+    assert sorted(p.name for p in (tmp_path / "t").glob("*.h5")) == ["series-9.h5", "x.h5"]
+    runner = run_batch([src / "x.ome.tiff", level0], tmp_path / "p", lambda i, t: {}, {},
+                       progress=False)
+    assert [r.output for r in runner.results] == [str(tmp_path / "p" / "x"),
+                                                  str(tmp_path / "p" / "series-9")]
+
+
+def test_issue16_tile_dash_o_file_writes_that_archive(cmu_small, tmp_path):
+    """`tile s.svs -o out.h5` made a folder named out.h5."""
+    from click.testing import CliRunner
+
+    from histotile.cli import cli
+
+    target = tmp_path / "res" / "my-patches.h5"
+    res = CliRunner().invoke(cli, ["-q", "tile", str(cmu_small), "-o", str(target),
+                                   "--limit", "4"])
+    assert res.exit_code == 0, res.output
+    assert target.is_file() and (tmp_path / "res" / "my-patches.tissue.png").is_file()
+    with h5py.File(target) as f:
+        assert f["x"].shape == (4, 96, 96, 3)
+    folder = _copies(tmp_path / "in", ["a.svs", "b.svs"], cmu_small)
+    two = CliRunner().invoke(cli, ["-q", "tile", str(folder), "-o", str(tmp_path / "x.h5")])
+    assert two.exit_code != 0 and "names one archive but 2 slides" in str(two.exception)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_tile_resumes_skips_and_recomputes_on_new_options(cmu_small, tmp_path):
+    import json
+
+    import histotile
+
+    out = tmp_path / "out"
+    first = histotile.tile(cmu_small, out, limit=5, progress=False)
+    mtime = (out / "CMU-1-Small-Region.h5").stat().st_mtime_ns
+    again = histotile.tile(cmu_small, out, limit=5, progress=False)
+    assert [r.status for r in first.results] == ["done"]
+    assert [r.status for r in again.results] == ["skipped"] and again.results[0].patches == 5
+    assert (out / "CMU-1-Small-Region.h5").stat().st_mtime_ns == mtime
+    changed = histotile.tile(cmu_small, out, limit=7, progress=False)
+    assert [r.status for r in changed.results] == ["done"]
+    run = json.loads((out / "CMU-1-Small-Region.run.json").read_text())
+    assert run["fingerprint"]["limit"] == 7 and run["patches"] == 7
+    assert sorted(run["files"]) == ["CMU-1-Small-Region.h5", "CMU-1-Small-Region.tissue.png"]
+    with pytest.raises(Exception, match="--mpp"):
+        histotile.tile(cmu_small, out, mpp=float("nan"))
+
+
+def test_tile_cli_takes_its_shard_from_a_slurm_array_task(cmu_small, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from histotile.cli import cli
+
+    folder = _copies(tmp_path / "in", ["a.svs", "b.svs"], cmu_small)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    res = CliRunner().invoke(cli, ["-q", "tile", str(folder), "-o", str(tmp_path / "o"),
+                                   "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.h5")) == ["b.h5"]
+    assert (tmp_path / "o" / "manifest-1-of-2.csv").exists()

@@ -13,6 +13,8 @@ Usage in a command::
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +57,7 @@ def pop_batch_options(kwargs: dict[str, Any]) -> BatchOptions:
 
     values = {name: kwargs.pop(name) for name in BATCH_OPTION_NAMES if name in kwargs}
     return BatchOptions(
-        shard=resolve_shard(values.get("shard")),
+        shard=resolve_shard(values.get("shard"), os.environ),
         executor=values.get("executor", field_default(BatchOptions, "executor")),
         jobs=values.get("jobs", field_default(BatchOptions, "jobs")),
         cluster=values.get("cluster", field_default(BatchOptions, "cluster")),
@@ -89,3 +91,24 @@ def batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def quiet_dask(executor: str) -> None:
+    """-q with a dask executor: dask's own INFO lines (scheduler, nanny, worker start and stop)
+    are not printed. ``distributed`` sets its loggers' levels when imported, so import it
+    first, then lower every ``distributed``/``dask`` logger to WARNING."""
+    if executor == "serial":
+        return
+    import distributed  # noqa: F401 - configures its loggers at import time
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("distributed", "dask", "dask_jobqueue"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def print_failure(item: Any, result: Any) -> None:
+    """``on_error`` of the commands: one ``error:`` line per failed item (Path, ItemResult)."""
+    text = result.error
+    if result.slide not in text:
+        text = f"{result.slide}: {text}"
+    click.echo(f"error: {text}", err=True)

@@ -8,13 +8,12 @@ of the first slide is ready.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
 import click
 
-from histotile.cli.batch_options import batch_options, pop_batch_options
+from histotile.cli.batch_options import batch_options, pop_batch_options, quiet_dask
 from histotile.cli.common import (
     backend_option,
     debug_flag,
@@ -99,21 +98,8 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values:
     reporter.close()
     for line in accuracy_lines(summary):
         click.echo(line)
-    if summary.failed:
-        sys.exit(1)  # (ctx.exit's code is lost under standalone_mode=False)
-
-
-def quiet_dask(executor: str) -> None:
-    """-q with a dask executor: dask's own INFO lines (scheduler, nanny, worker start and stop)
-    are not printed. ``distributed`` sets its loggers' levels when imported, so import it
-    first, then lower every ``distributed``/``dask`` logger to WARNING."""
-    if executor == "serial":
-        return
-    import distributed  # noqa: F401 - configures its loggers at import time
-
-    for name in list(logging.root.manager.loggerDict):
-        if name.split(".")[0] in ("distributed", "dask", "dask_jobqueue"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if summary.exit_code:  # 1: an item failed; 75: items left busy in another run
+        sys.exit(summary.exit_code)  # (ctx.exit's code is lost under standalone_mode=False)
 
 
 class FailureReporter:

@@ -34,7 +34,7 @@ def _script_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           f"{DEFAULT_MAX_ARRAY}."),
         click.option("--gpus-per-task", type=click.IntRange(min=0), default=1, show_default=True),
         click.option("--cpus-per-task", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Also the DataLoader workers of each task."),
+                     help="On GPU jobs also the reader workers (--workers) of each task."),
         click.option("--time", "time_limit", default="04:00:00", show_default=True,
                      help="Wall time per task."),
         click.option("--partition", default=None),
@@ -44,7 +44,8 @@ def _script_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--setup", multiple=True, metavar="LINE",
                      help="Shell line run first in each task (module load ..., source venv).",),
         click.option("--command", "job_command", default="histotile predict", show_default=True,
-                     help="Per-shard command (it must accept INPUT... -o OUT --workers N)."),
+                     help="Per-shard command: it must accept INPUT... -o OUT (and --workers N "
+                          "on GPU jobs), e.g. 'histotile tile'."),
         click.option("--job-name", default="histotile", show_default=True),
     ]
     for option in reversed(options):

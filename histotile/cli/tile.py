@@ -6,20 +6,21 @@ import sys
 
 import click
 
+from histotile.cli.batch_options import batch_options
 from histotile.cli.common import (
     backend_option,
     debug_flag,
     quiet_flag,
-    report_failure,
     slide_mpp_option,
 )
 from histotile.options import TileOptions
 
 
 @click.command("tile")
-@click.argument("slides", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder (one <stem>.h5 and <stem>.tissue.png per slide).")
+@click.argument("slides", nargs=-1, required=True, metavar="SLIDE...")
+@click.option("-o", "--out", "out", required=True, type=click.Path(),
+              help="Output folder (per slide <stem>.h5, <stem>.tissue.png, <stem>.run.json), "
+                   "or an .h5 file for a single slide.")
 @click.option("--patch-size", default=96, show_default=True, type=click.IntRange(min=1),
               help="Patch side in pixels.")
 @click.option("--mpp", type=float, default=None,
@@ -41,38 +42,41 @@ from histotile.options import TileOptions
 @click.option("--stain-target", type=click.Path(dir_okay=False), default=None,
               help="Image whose stains are the reference [default: the standard H&E one].")
 @backend_option
+@batch_options
 @click.pass_context
-def tile(ctx: click.Context, slides: tuple[str, ...], out_dir: str, patch_size: int,
+def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
          mpp: float | None, level: int | None, slide_mpp: float | None, overlap: float,
          min_tissue: float, tissue_method: str, limit: int | None, stain_norm: str,
-         stain_target: str | None, backend: str) -> None:
-    """Cut tissue patches of SLIDES at a target mpp into PatchCamelyon-layout HDF5 archives."""
-    from histotile.tile import tile_slide
+         stain_target: str | None, backend: str, **batch: object) -> None:
+    """Cut tissue patches of SLIDES at a target mpp into PatchCamelyon-layout HDF5 archives.
+
+    SLIDE: files, folders, globs or .txt/.csv lists, as for predict. Slides finished with the
+    same options are skipped (--overwrite recomputes them); OUT/manifest.csv lists every slide.
+    """
+    from histotile.cli.batch_options import pop_batch_options, print_failure, quiet_dask
+    from histotile.tiling import TileOptions
+    from histotile.tiling import tile as run_tile
 
     TileOptions(patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp,
                 overlap=overlap, min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,
                 stain_norm=stain_norm, stain_target=stain_target, backend=backend)  # validates
     debug, quiet = debug_flag(ctx), quiet_flag(ctx)
-    failed = 0
-    for path in slides:
-        try:
-            result = tile_slide(
-                path, out_dir, patch_size=patch_size, mpp=mpp, level=level,
-                slide_mpp=slide_mpp, overlap=overlap, min_tissue=min_tissue, limit=limit,
-                backend=backend, tissue_method=tissue_method, progress=not quiet,
-                stain_norm=stain_norm, stain_target=stain_target,
-            )
-        except Exception as exc:  # noqa: BLE001 - one slide failing must not stop the others
-            if len(slides) == 1 and not debug:
-                report_failure(path, exc, debug)
-                sys.exit(getattr(exc, "exit_code", 1))
-            report_failure(path, exc, debug)
-            failed += 1
-            continue
-        if not quiet:
-            click.echo(f"{path}: {result.n_patches} patches at "
-                       f"{result.attrs.get('effective_mpp', float('nan')):.4f} um/px -> "
-                       f"{result.archive}")
-    if failed:
-        click.echo(f"{failed} of {len(slides)} slides failed", err=True)
-        sys.exit(1)
+    batch_opts = pop_batch_options(batch)
+    if quiet:
+        quiet_dask(batch_opts["executor"])
+    options = TileOptions(
+        patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp, overlap=overlap,
+        min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,  # type: ignore[arg-type]
+        stain_norm=stain_norm, stain_target=stain_target, backend=backend)  # type: ignore[arg-type]
+    summary = run_tile(list(slides), out, options, progress=not quiet,
+                       on_error="raise" if debug else print_failure, **batch_opts)
+    if not quiet:
+        for r in summary.results:
+            if r.status in ("done", "skipped"):
+                again = " (finished before, same options)" if r.status == "skipped" else ""
+                click.echo(f"{r.slide}: {r.patches} patches -> {r.output}{again}")
+    if summary.failed:
+        click.echo(f"{len(summary.failed)} of {len(summary.results)} slides failed "
+                   f"(see {summary.manifest})", err=True)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)

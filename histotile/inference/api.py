@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from histotile.archives import is_archive
-from histotile.batch import BatchSummary, expand_inputs, resolve_shard, run_items
+from histotile.batch import BatchSummary, expand_inputs, resolve_shard
+from histotile.hpc import run_items
 from histotile.errors import InvalidArgumentError, ModelError
 from histotile.inference.archives import predict_archive
 from histotile.inference.context import PredictContext

@@ -1,0 +1,367 @@
+"""``histotile tile``: tissue patches at a target mpp into a PatchCamelyon-layout HDF5 archive.
+
+:func:`tile` runs every slide through the batch runner (:func:`histotile.hpc.run_items`: resume,
+per-slide locks, ``manifest.csv``, failure isolation, shards, dask executors), like
+``predict``; :func:`tile_slide` is the work on one slide. Options live in :class:`TileOptions`
+(defaults and validation in one place; the resume fingerprint is derived from it).
+
+Per slide it writes ``<out>/<stem>.h5`` (dataset ``x`` (N, P, P, 3) uint8 chunked per patch,
+``coords`` (N, 2) int64 level-0 top-left x, y, and the grid/slide metadata as attributes) and
+``<out>/<stem>.tissue.png`` (thumbnail, tissue mask and the kept patch grid). Both are written
+under a temporary name and renamed when complete; patches are streamed batch by batch. Through
+:func:`tile`, ``<out>/<stem>.run.json`` (written last) records the options and marks the slide
+done, so a rerun with the same options skips it. Stems are those of ``predict``
+(:func:`histotile.items.item_stems`). ``out`` ending in ``.h5`` names the archive of a single
+slide.
+
+With ``stain_norm="macenko"`` the slide's stains are fitted once on a seeded sample of its
+tissue patches (:func:`histotile.patches.sample_patches`, as ``predict`` does) and every patch
+is normalised to the reference with that fit; the method, reference and fit go into the
+archive's attributes (``stain_method``, ``stain_reference``, ``stain_fit`` as JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from histotile import __version__
+from histotile.batch import (
+    ITEM_PREFIX,
+    BatchSummary,
+    ErrorPolicy,
+    Layout,
+    ProcessFn,
+    expand_inputs,
+    resolve_shard,
+)
+from histotile.errors import InvalidArgumentError, NoTissueError
+from histotile.grid import make_grid
+from histotile.hpc import run_items
+from histotile.items import item_kind, item_stem, item_suffix
+from histotile.patches import iter_patch_batches, plan_regions, sample_patches
+from histotile.slide import BACKENDS, open_slide
+from histotile.stain import make_normalizer
+from histotile.tissue import detect_tissue, overlay
+
+log = logging.getLogger(__name__)
+DEFAULT_MPP = 0.972  # PatchCamelyon: 96 px at 10x
+STAIN_SAMPLE = 64  # tissue patches the per-slide stain fit is made on
+STAIN_SEED = 0
+BatchTransform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class TileResult:
+    """What ``tile_slide`` wrote."""
+
+    slide: str
+    archive: Path
+    tissue_png: Path
+    n_patches: int
+    attrs: dict[str, Any]
+
+
+def _h5_attr(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    return value
+
+
+def tile_slide(
+    slide_path: str | Path, out_dir: str | Path, patch_size: int = 96,
+    mpp: float | None = None, level: int | None = None, slide_mpp: float | None = None,
+    overlap: float = 0.0, min_tissue: float = 0.5, limit: int | None = None,
+    backend: str = "auto", tissue_method: str = "otsu", batch_size: int = 256,
+    transform: BatchTransform | None = None, progress: bool = False,
+    extra_attrs: dict[str, Any] | None = None, stain_norm: str = "none",
+    stain_target: str | Path | None = None, name: str | None = None,
+) -> TileResult:
+    """Tile one slide (see the module docstring). ``transform`` maps uint8 (B, P, P, 3) batches
+    before they are written (after the stain normalisation ``stain_norm`` "none"|"macenko",
+    to the reference fitted on ``stain_target`` or the default); ``limit`` keeps the first N.
+    ``name``: the files' stem (default :func:`histotile.items.item_stem` of the slide)."""
+    if limit is not None and limit < 0:
+        raise InvalidArgumentError(f"--limit {limit} is negative", "use 0 or more")
+    if mpp is None and level is None:
+        mpp = DEFAULT_MPP
+    normalizer = make_normalizer(stain_norm, target_image=stain_target, channels_last=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = name if name is not None else item_stem(slide_path)
+    with open_slide(slide_path, backend=backend, slide_mpp=slide_mpp) as slide:
+        if mpp is not None:
+            slide.require_mpp()
+        tissue = detect_tissue(slide, method=tissue_method)
+        grid = make_grid(slide, patch_size, target_mpp=mpp, level=level, overlap=overlap,
+                         tissue=tissue, min_tissue=min_tissue)
+        if limit is not None:
+            grid = grid.subset(slice(0, limit))
+        grid = grid.subset(_region_order(grid, slide))  # contiguous writes, one read per region
+        if len(grid) == 0:
+            log.warning("%s: no patch has tissue >= %.2f; writing an empty archive",
+                        slide_path, min_tissue)
+        stain, stain_attrs = _stain_step(slide, grid, normalizer, stain_target)
+        attrs = {
+            "source_path": str(Path(slide_path).resolve()), "backend": slide.backend,
+            "vendor": slide.vendor or "", "slide_mpp_x": slide.mpp[0] if slide.mpp else None,
+            "slide_mpp_y": slide.mpp[1] if slide.mpp else None,
+            "level0_width": slide.dimensions[0], "level0_height": slide.dimensions[1],
+            **grid.to_attrs(), "tissue_threshold": tissue.threshold,
+            "tissue_mask_mpp": tissue.mpp, "tissue_fraction_slide": tissue.fraction,
+            "histotile_version": __version__, "layout": "PatchCamelyon x (N,P,P,3) uint8",
+            **stain_attrs, **(extra_attrs or {}),
+        }
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        archive = out_dir / f"{stem}.h5"
+        _write_archive(archive, slide, grid, attrs, batch_size, _chain(stain, transform),
+                       progress)
+        png = out_dir / f"{stem}.tissue.png"
+        _write_png(png, overlay(tissue, grid))
+    return TileResult(str(slide_path), archive, png, len(grid), attrs)
+
+
+def _stain_step(slide: Any, grid: Any, normalizer: Any, target: str | Path | None
+                ) -> tuple[BatchTransform | None, dict[str, Any]]:
+    """Fit ``normalizer`` once on a sample of the slide's patches: (batch transform, attrs)."""
+    if normalizer is None:
+        return None, {"stain_method": "none"}
+    attrs: dict[str, Any] = {
+        "stain_method": "macenko",
+        "stain_reference": json.dumps(normalizer.reference.to_dict()),
+        "stain_target": str(Path(target).resolve()) if target is not None else None,
+    }
+    sample = sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
+    try:
+        if len(sample) == 0:
+            raise NoTissueError("no tissue patch to fit the stains on", "")
+        fit = normalizer.fit(sample)
+    except NoTissueError as exc:
+        if len(grid):
+            log.warning("%s: stain fit failed (%s); patches are not stain-normalised",
+                        slide.path, exc.message)
+        return None, {**attrs, "stain_method": "none", "stain_requested": "macenko",
+                      "stain_fit_error": exc.message}
+    attrs["stain_fit"] = json.dumps({
+        "stain_matrix": fit.stain_matrix.double().cpu().tolist(),
+        "max_concentrations": fit.max_concentrations.double().cpu().tolist(),
+        "n_pixels": int(fit.n_pixels), "sample_patches": int(len(sample)), "seed": STAIN_SEED})
+    return (lambda batch: normalizer.normalize(batch, fit)), attrs
+
+
+def _chain(first: BatchTransform | None, second: BatchTransform | None
+           ) -> BatchTransform | None:
+    if first is None or second is None:
+        return first or second
+    return lambda batch: second(first(batch))
+
+
+def _region_order(grid: Any, slide: Any) -> np.ndarray:
+    regions = plan_regions(grid, slide)
+    return np.concatenate([r.idx for r in regions]) if regions else np.zeros(0, np.int64)
+
+
+def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], batch_size: int,
+                   transform: BatchTransform | None, progress: bool) -> None:
+    import h5py
+    from tqdm import tqdm
+
+    size, n = grid.patch_size, len(grid)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            x = h5.create_dataset("x", shape=(n, size, size, 3), maxshape=(None, size, size, 3),
+                                  dtype=np.uint8, chunks=(1, size, size, 3),
+                                  compression="gzip", compression_opts=1)
+            h5.create_dataset("coords", data=grid.coords.astype(np.int64))
+            h5.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+            for key, value in attrs.items():
+                h5.attrs[key] = _h5_attr(value)
+            with tqdm(total=n, unit="patch", desc=path.stem, disable=not progress,
+                      leave=False) as bar:
+                for idx, batch in iter_patch_batches(slide, grid, batch_size):
+                    if transform is not None:
+                        batch = transform(batch)
+                    start = int(idx[0])
+                    if np.array_equal(idx, np.arange(start, start + len(idx))):
+                        x[start:start + len(idx)] = batch
+                    else:  # h5py fancy indexing needs increasing indices
+                        order = np.argsort(idx)
+                        x[idx[order]] = batch[order]
+                    bar.update(len(idx))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.png")
+    try:
+        Image.fromarray(rgb).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+
+
+# --------------------------------------------------------------------------- many slides
+TissueMethod = Literal["otsu", "otsu-gray"]
+StainMethod = Literal["none", "macenko"]
+TISSUE_METHODS = ("otsu", "otsu-gray")
+TILE_STAIN_METHODS = ("none", "macenko")
+#: Options that do not change an archive's contents (left out of the resume fingerprint).
+NEUTRAL_FIELDS = frozenset({"batch_size"})
+
+
+def _positive(value: float | None, option: str, example: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InvalidArgumentError(f"{option} {value} is not a positive number",
+                                   f"use e.g. {option} {example}", subject=option)
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """Everything that decides a ``tile`` archive's contents, validated on creation.
+
+    ``mpp`` None and ``level`` None mean :data:`DEFAULT_MPP`; ``stain_target`` None means the
+    standard H&E reference.
+    """
+
+    patch_size: int = 96
+    mpp: float | None = None
+    level: int | None = None
+    slide_mpp: float | None = None
+    overlap: float = 0.0
+    min_tissue: float = 0.5
+    tissue_method: TissueMethod = "otsu"
+    limit: int | None = None
+    stain_norm: StainMethod = "none"
+    stain_target: str | None = None
+    backend: str = "auto"
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 1:
+            raise InvalidArgumentError(f"patch size {self.patch_size}", "use e.g. --patch-size 96",
+                                       subject="--patch-size")
+        _positive(self.mpp, "--mpp", "0.972")
+        _positive(self.slide_mpp, "--slide-mpp", "0.25")
+        if self.level is not None and self.level < 0:
+            raise InvalidArgumentError(f"level {self.level}", "use 0 or more", subject="--level")
+        if not 0.0 <= self.overlap < 1.0:
+            raise InvalidArgumentError(f"overlap {self.overlap} is outside [0, 1)",
+                                       "use e.g. --overlap 0.5", subject="--overlap")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise InvalidArgumentError(f"min tissue {self.min_tissue} is outside [0, 1]",
+                                       "use e.g. --min-tissue 0.5", subject="--min-tissue")
+        if self.limit is not None and self.limit < 0:
+            raise InvalidArgumentError(f"--limit {self.limit} is negative", "use 0 or more",
+                                       subject="--limit")
+        for value, allowed, option in ((self.tissue_method, TISSUE_METHODS, "--tissue-method"),
+                                       (self.stain_norm, TILE_STAIN_METHODS, "--stain-norm"),
+                                       (self.backend, BACKENDS, "--backend")):
+            if value not in allowed:
+                raise InvalidArgumentError(f"unknown value {value!r}",
+                                           f"use one of {', '.join(allowed)}", subject=option)
+        if self.batch_size < 1:
+            raise InvalidArgumentError(f"batch size {self.batch_size}", "use e.g. 256",
+                                       subject="batch_size")
+        if self.stain_target is not None:
+            object.__setattr__(self, "stain_target", os.path.abspath(self.stain_target))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The resolved options that decide the archive (a finished slide with an equal
+        fingerprint is skipped): every field but :data:`NEUTRAL_FIELDS`, the default mpp made
+        explicit, the stain reference image by content."""
+        fp = {k: v for k, v in dataclasses.asdict(self).items() if k not in NEUTRAL_FIELDS}
+        if self.mpp is None and self.level is None:
+            fp["mpp"] = DEFAULT_MPP
+        if self.stain_norm == "macenko" and self.stain_target is not None:
+            try:
+                data = Path(self.stain_target).read_bytes()
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read the stain target ({exc.strerror})",
+                                           "check the path", subject=self.stain_target) from None
+            fp["stain_target_sha256"] = hashlib.sha256(data).hexdigest()
+        fp["command"] = "tile"
+        return fp
+
+
+def make_tile_process(options: TileOptions, progress: bool = False,
+                      suffix: str = ".h5") -> ProcessFn:
+    """``process(slide, tmp_dir) -> info`` for the batch runner (picklable through
+    ``functools.partial``): ``tmp_dir/item<suffix>`` and ``tmp_dir/item.tissue.png``."""
+    kwargs = dataclasses.asdict(options)
+
+    def process(item: Path, tmp_dir: Path) -> dict[str, Any]:
+        result = tile_slide(item, tmp_dir, name=ITEM_PREFIX, progress=progress, **kwargs)
+        if suffix != ".h5":
+            result.archive.rename(tmp_dir / f"{ITEM_PREFIX}{suffix}")
+        return {"patches": result.n_patches, "kind": "tile",
+                "effective_mpp": result.attrs.get("effective_mpp"),
+                "patch_size": options.patch_size, "level": result.attrs.get("level")}
+
+    return process
+
+
+def _target(out: Path, n_items: int) -> tuple[Path, str | None, str]:
+    """``(folder, stem or None, archive suffix)`` for ``out``: a folder, or one ``.h5`` file."""
+    if item_kind(out) != "archive":
+        return out, None, ".h5"
+    suffix = item_suffix(out)
+    if suffix == ".npz":
+        raise InvalidArgumentError("tile writes HDF5 archives, not .npz",
+                                   "name an .h5 file or an output folder", subject=str(out))
+    if n_items != 1:
+        raise InvalidArgumentError(f"-o names one archive but {n_items} slides were given",
+                                   "name an output folder for several slides", subject=str(out))
+    return out.parent, out.name[: -len(suffix)], suffix
+
+
+def tile(slides: str | Path | Sequence[str | Path], out: str | Path,
+         options: TileOptions | None = None, *, overwrite: bool = False,
+         shard: tuple[int, int] | str | None = None, executor: str = "serial", jobs: int = 2,
+         cluster: str = "slurm", cluster_kwargs: dict[str, Any] | None = None,
+         progress: bool = True, on_error: ErrorPolicy = "report",
+         **overrides: Any) -> BatchSummary:
+    """Tile slides (files, folders, globs, list files) into ``out`` through the batch runner.
+
+    ``out``: a folder (``<stem>.h5``, ``<stem>.tissue.png``, ``<stem>.run.json`` per slide,
+    ``manifest.csv``), or an ``.h5`` path for a single slide. ``options`` (or keyword
+    ``overrides`` of its fields, e.g. ``patch_size=28``) as :class:`TileOptions`. Finished
+    slides with the same options are skipped unless ``overwrite``; a failing slide does not stop
+    the others: see the returned summary (``.failed``, ``.exit_code``, ``.manifest``).
+    ``shard``, ``executor``, ``jobs``, ``cluster``, ``cluster_kwargs``: as ``predict``.
+    """
+    try:
+        opts = dataclasses.replace(options or TileOptions(), **overrides)
+    except TypeError as exc:
+        raise InvalidArgumentError(str(exc), "see histotile.tiling.TileOptions for the fields",
+                                   subject="tile") from None
+    paths = [slides] if isinstance(slides, (str, Path)) else list(slides)
+    items = expand_inputs(paths, kinds=("slide",))
+    folder, stem, suffix = _target(Path(out), len(items))
+    fingerprint = opts.fingerprint()
+    make_normalizer(opts.stain_norm, target_image=opts.stain_target, channels_last=True)
+    return run_items(items, folder,
+                     functools.partial(make_tile_process, opts, progress, suffix),
+                     fingerprint, executor=executor, jobs=jobs, cluster=cluster,
+                     shard=resolve_shard(shard), overwrite=overwrite, progress=progress,
+                     on_error=on_error, cluster_kwargs=cluster_kwargs,
+                     layout=Layout("files", primary=suffix),
+                     stems=None if stem is None else [stem])
