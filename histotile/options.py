@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -293,8 +294,8 @@ class TileOptions:
         _choice("stain_norm", self.stain_norm, TileStainNorm)
         _choice("backend", self.backend, Backend)
         _int_at_least("batch_size", self.batch_size, 1, "256")
-        if isinstance(self.stain_target, Path):
-            object.__setattr__(self, "stain_target", str(self.stain_target))
+        if self.stain_target is not None:  # absolute: the same file for every worker and rerun
+            object.__setattr__(self, "stain_target", os.path.abspath(self.stain_target))
 
     @property
     def target_mpp(self) -> float | None:

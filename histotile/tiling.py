@@ -27,13 +27,12 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -51,13 +50,14 @@ from histotile.errors import InvalidArgumentError, NoTissueError
 from histotile.grid import make_grid
 from histotile.hpc import run_items
 from histotile.items import item_kind, item_stem, item_suffix
+from histotile.options import DEFAULT_TILE_MPP, TileOptions
 from histotile.patches import iter_patch_batches, plan_regions, sample_patches
-from histotile.slide import BACKENDS, open_slide
+from histotile.slide import open_slide
 from histotile.stain import make_normalizer
 from histotile.tissue import detect_tissue, overlay
 
 log = logging.getLogger(__name__)
-DEFAULT_MPP = 0.972  # PatchCamelyon: 96 px at 10x
+DEFAULT_MPP = DEFAULT_TILE_MPP  # PatchCamelyon: 96 px at 10x (defined in histotile.options)
 STAIN_SAMPLE = 64  # tissue patches the per-slide stain fit is made on
 STAIN_SEED = 0
 BatchTransform = Callable[[np.ndarray], np.ndarray]
@@ -220,93 +220,32 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- many slides
-TissueMethod = Literal["otsu", "otsu-gray"]
-StainMethod = Literal["none", "macenko"]
-TISSUE_METHODS = ("otsu", "otsu-gray")
-TILE_STAIN_METHODS = ("none", "macenko")
 #: Options that do not change an archive's contents (left out of the resume fingerprint).
-NEUTRAL_FIELDS = frozenset({"batch_size"})
+NEUTRAL_FIELDS = frozenset({"batch_size", "progress"})
 
 
-def _positive(value: float | None, option: str, example: str) -> None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise InvalidArgumentError(f"{option} {value} is not a positive number",
-                                   f"use e.g. {option} {example}", subject=option)
-
-
-@dataclass(frozen=True)
-class TileOptions:
-    """Everything that decides a ``tile`` archive's contents, validated on creation.
-
-    ``mpp`` None and ``level`` None mean :data:`DEFAULT_MPP`; ``stain_target`` None means the
-    standard H&E reference.
-    """
-
-    patch_size: int = 96
-    mpp: float | None = None
-    level: int | None = None
-    slide_mpp: float | None = None
-    overlap: float = 0.0
-    min_tissue: float = 0.5
-    tissue_method: TissueMethod = "otsu"
-    limit: int | None = None
-    stain_norm: StainMethod = "none"
-    stain_target: str | None = None
-    backend: str = "auto"
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.patch_size < 1:
-            raise InvalidArgumentError(f"patch size {self.patch_size}", "use e.g. --patch-size 96",
-                                       subject="--patch-size")
-        _positive(self.mpp, "--mpp", "0.972")
-        _positive(self.slide_mpp, "--slide-mpp", "0.25")
-        if self.level is not None and self.level < 0:
-            raise InvalidArgumentError(f"level {self.level}", "use 0 or more", subject="--level")
-        if not 0.0 <= self.overlap < 1.0:
-            raise InvalidArgumentError(f"overlap {self.overlap} is outside [0, 1)",
-                                       "use e.g. --overlap 0.5", subject="--overlap")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise InvalidArgumentError(f"min tissue {self.min_tissue} is outside [0, 1]",
-                                       "use e.g. --min-tissue 0.5", subject="--min-tissue")
-        if self.limit is not None and self.limit < 0:
-            raise InvalidArgumentError(f"--limit {self.limit} is negative", "use 0 or more",
-                                       subject="--limit")
-        for value, allowed, option in ((self.tissue_method, TISSUE_METHODS, "--tissue-method"),
-                                       (self.stain_norm, TILE_STAIN_METHODS, "--stain-norm"),
-                                       (self.backend, BACKENDS, "--backend")):
-            if value not in allowed:
-                raise InvalidArgumentError(f"unknown value {value!r}",
-                                           f"use one of {', '.join(allowed)}", subject=option)
-        if self.batch_size < 1:
-            raise InvalidArgumentError(f"batch size {self.batch_size}", "use e.g. 256",
-                                       subject="batch_size")
-        if self.stain_target is not None:
-            object.__setattr__(self, "stain_target", os.path.abspath(self.stain_target))
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The resolved options that decide the archive (a finished slide with an equal
-        fingerprint is skipped): every field but :data:`NEUTRAL_FIELDS`, the default mpp made
-        explicit, the stain reference image by content."""
-        fp = {k: v for k, v in dataclasses.asdict(self).items() if k not in NEUTRAL_FIELDS}
-        if self.mpp is None and self.level is None:
-            fp["mpp"] = DEFAULT_MPP
-        if self.stain_norm == "macenko" and self.stain_target is not None:
-            try:
-                data = Path(self.stain_target).read_bytes()
-            except OSError as exc:
-                raise InvalidArgumentError(f"cannot read the stain target ({exc.strerror})",
-                                           "check the path", subject=self.stain_target) from None
-            fp["stain_target_sha256"] = hashlib.sha256(data).hexdigest()
-        fp["command"] = "tile"
-        return fp
+def tile_fingerprint(options: TileOptions) -> dict[str, Any]:
+    """The resolved options that decide the archive (a finished slide with an equal fingerprint
+    is skipped): every field of :class:`~histotile.options.TileOptions` but
+    :data:`NEUTRAL_FIELDS`, the default mpp made explicit, the stain reference image by content."""
+    fp = {k: v for k, v in dataclasses.asdict(options).items() if k not in NEUTRAL_FIELDS}
+    fp["mpp"] = options.target_mpp
+    if options.stain_norm == "macenko" and options.stain_target is not None:
+        try:
+            data = Path(options.stain_target).read_bytes()
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot read the stain target ({exc.strerror})",
+                                       "check the path", subject=options.stain_target) from None
+        fp["stain_target_sha256"] = hashlib.sha256(data).hexdigest()
+    fp["command"] = "tile"
+    return fp
 
 
 def make_tile_process(options: TileOptions, progress: bool = False,
                       suffix: str = ".h5") -> ProcessFn:
     """``process(slide, tmp_dir) -> info`` for the batch runner (picklable through
     ``functools.partial``): ``tmp_dir/item<suffix>`` and ``tmp_dir/item.tissue.png``."""
-    kwargs = dataclasses.asdict(options)
+    kwargs = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
 
     def process(item: Path, tmp_dir: Path) -> dict[str, Any]:
         result = tile_slide(item, tmp_dir, name=ITEM_PREFIX, progress=progress, **kwargs)
@@ -351,12 +290,12 @@ def tile(slides: str | Path | Sequence[str | Path], out: str | Path,
     try:
         opts = dataclasses.replace(options or TileOptions(), **overrides)
     except TypeError as exc:
-        raise InvalidArgumentError(str(exc), "see histotile.tiling.TileOptions for the fields",
+        raise InvalidArgumentError(str(exc), "see histotile.options.TileOptions for the fields",
                                    subject="tile") from None
     paths = [slides] if isinstance(slides, (str, Path)) else list(slides)
     items = expand_inputs(paths, kinds=("slide",))
     folder, stem, suffix = _target(Path(out), len(items))
-    fingerprint = opts.fingerprint()
+    fingerprint = tile_fingerprint(opts)
     make_normalizer(opts.stain_norm, target_image=opts.stain_target, channels_last=True)
     return run_items(items, folder,
                      functools.partial(make_tile_process, opts, progress, suffix),

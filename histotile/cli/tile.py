@@ -54,22 +54,19 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
     same options are skipped (--overwrite recomputes them); OUT/manifest.csv lists every slide.
     """
     from histotile.cli.batch_options import pop_batch_options, print_failure, quiet_dask
-    from histotile.tiling import TileOptions
     from histotile.tiling import tile as run_tile
 
-    TileOptions(patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp,
-                overlap=overlap, min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,
-                stain_norm=stain_norm, stain_target=stain_target, backend=backend)  # validates
     debug, quiet = debug_flag(ctx), quiet_flag(ctx)
     batch_opts = pop_batch_options(batch)
     if quiet:
-        quiet_dask(batch_opts["executor"])
+        quiet_dask(batch_opts.executor)
     options = TileOptions(
         patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp, overlap=overlap,
         min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,  # type: ignore[arg-type]
         stain_norm=stain_norm, stain_target=stain_target, backend=backend)  # type: ignore[arg-type]
     summary = run_tile(list(slides), out, options, progress=not quiet,
-                       on_error="raise" if debug else print_failure, **batch_opts)
+                       on_error="raise" if debug else print_failure,
+                       **batch_opts.run_items_kwargs())
     if not quiet:
         for r in summary.results:
             if r.status in ("done", "skipped"):

@@ -18,8 +18,8 @@ from typing import Any
 
 from histotile.archives import is_archive
 from histotile.batch import BatchSummary, expand_inputs, resolve_shard
-from histotile.hpc import run_items
 from histotile.errors import InvalidArgumentError, ModelError
+from histotile.hpc import run_items
 from histotile.inference.archives import predict_archive
 from histotile.inference.context import PredictContext
 from histotile.inference.fingerprint import derive_fingerprint
