@@ -274,3 +274,34 @@ def test_cli_models_show_unknown_is_one_line(capsys) -> None:
 def test_zoo_folder_is_a_copyable_model(tmp_path: Path) -> None:
     dest = shutil.copytree(zoo.model_path(zoo.DEFAULT_MODEL), tmp_path / "copy")
     assert load_model(dest).card.name == zoo.DEFAULT_MODEL
+
+
+def test_issue16_card_parts_are_typed_and_round_trip() -> None:
+    """The card's parts are dataclasses (no dict reads), ``stain.in_training`` is in the schema
+    and the bundled card says its model was trained on patches as they are."""
+    from histotile.models.card import (
+        Architecture,
+        InputNorm,
+        Metrics,
+        StainSpec,
+        Training,
+        Weights,
+        validate_card,
+    )
+
+    path = zoo.model_path(zoo.DEFAULT_MODEL) / "model.json"
+    card = load_card(path.parent)
+    assert isinstance(card.architecture, Architecture) and card.architecture.name == "smallcnn"
+    assert isinstance(card.weights, Weights) and card.weights.resolved_format == "safetensors"
+    assert isinstance(card.stain, StainSpec) and card.stain.in_training is False
+    assert isinstance(card.input, InputNorm) and len(card.input.mean) == 3
+    assert isinstance(card.training, Training) and card.training.val_fraction == 0.2
+    assert isinstance(card.metrics, Metrics) and card.metrics.validation["accuracy"] == 0.87
+    assert card.to_dict() == json.loads(path.read_text())  # nothing lost or added
+    data = json.loads(path.read_text())
+    data["stain"]["in_training"] = "no"
+    with pytest.raises(ModelError, match="in_training"):
+        validate_card(data)
+    # dicts given later are converted too (train assigns metrics as a dict)
+    card.metrics = {"validation": {"accuracy": 0.5}, "best_epoch": 3, "custom": 1}
+    assert card.metrics.best_epoch == 3 and card.metrics.to_dict()["custom"] == 1

@@ -6,10 +6,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from histotile.cli.common import quiet_flag
+from histotile.cli.common import field_option, quiet_flag
+from histotile.options import EvaluateOptions
+
+E = EvaluateOptions
 
 _ARCH_HELP = "Architecture: smallcnn, resnet18, resnet50 (or any registered name)."
 
@@ -111,29 +115,30 @@ def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) 
 @click.command("evaluate")
 @click.argument("model")
 @click.argument("dataset")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
-              show_default=True)
-@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@field_option(E, "split", help="val: the held-out split (the model card's by default).")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
               default=None, help="Write metrics.json and plots here.")
-@click.option("--compare", default=None, help="Another model: paired McNemar / DeLong tests.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--download", is_flag=True, help="Fetch PathMNIST / PCam from Zenodo.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Bootstrap resamples for the 95% confidence intervals (0: none).")
+@field_option(E, "compare", help="Another model: paired McNemar / DeLong tests.")
+@field_option(E, "data_dir", help="Where pathmnist*.npz / the PCam .h5 files are.")
+@field_option(E, "download", help="Fetch PathMNIST / PCam from Zenodo.")
+@field_option(E, "batch_size", help="Patches per batch.")
+@field_option(E, "device", help="auto, cpu, cuda or cuda:N.")
+@field_option(E, "workers", help="DataLoader worker processes.")
+@field_option(E, "labels", help="Labels file for a folder dataset.")
+@field_option(E, "val_fraction",
+              help="Held-out fraction of the training images [default: the model card's "
+                   "recorded split, so validation never overlaps the model's training images].")
+@field_option(E, "seed", help="Seed of the held-out split [default: the model card's].")
+@field_option(E, "n_boot", help="Bootstrap resamples for the 95% confidence intervals (0: none).")
 @click.pass_context
-def evaluate(ctx: click.Context, model: str, dataset: str, **kw: object) -> None:
+def evaluate(ctx: click.Context, model: str, dataset: str, **kw: Any) -> None:
     """Evaluate MODEL (zoo name, folder or URL) on a DATASET split with clinical metrics."""
     from histotile.train import evaluate as run_evaluate
 
-    m = run_evaluate(model, dataset, progress=not quiet_flag(ctx), **kw)  # type: ignore[arg-type]
+    options = EvaluateOptions(**kw, progress=not quiet_flag(ctx))  # validated here
+    m = run_evaluate(model, dataset, options)
     ci = m.get("ci", {})
-    lines = [f"{m['model']} on {m['dataset']} ({m['split']}, n={m.get('n', '?')})"]
+    lines = [f"{m['model']} on {m['dataset']} ({m['split_source']}, n={m.get('n', '?')})"]
     for key in ("accuracy", "balanced_accuracy", "auc"):
         if m.get(key) is not None:
             bounds = ci.get(key)

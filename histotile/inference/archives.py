@@ -91,6 +91,8 @@ def _archive_batches(archive: Any, batch_size: int, stain: Any,
             patches = stain(patches)
         stats.read_s += t1 - t0
         stats.stain_s += time.perf_counter() - t1
+        if not patches.flags.writeable:  # a read-only view of the archive's arrays
+            patches = patches.copy()
         yield idx, torch.from_numpy(patches)
 
 

@@ -7,7 +7,8 @@ library calls behind ``histotile train`` and ``histotile evaluate``.
 from __future__ import annotations
 
 from histotile._callable import make_module_callable
-from histotile.train.loop import evaluate, train
+from histotile.train.evaluation import evaluate
+from histotile.train.loop import train
 
 __all__ = ["evaluate", "train"]
 
