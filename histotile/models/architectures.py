@@ -5,7 +5,7 @@ Add one with::
     @register("mynet", cam_layer="blocks.3")
     def mynet(num_classes: int, patch_size: int, **kwargs) -> nn.Module: ...
 
-``build_model(card.architecture["name"], num_classes, patch_size, **card.architecture["kwargs"])``
+``build_model(card.architecture.name, num_classes, patch_size, **card.architecture.kwargs)``
 rebuilds it; ``default_cam_layer(name)`` gives the module path Grad-CAM hooks by default.
 """
 
