@@ -500,6 +500,8 @@ def test_issue17_6_dot_inside_a_dicom_series_folder_names_it_and_touches_nothing
     assert (out / "case-7" / "thumb.png").exists() and (out / "other" / "run.json").exists()
     bare = sorted(p.name for p in series.glob("*.dcm"))[0]  # a bare relative .dcm
     assert item_stems(expand_inputs([bare])) == ["case-7"]
+    levels = sorted(p.name for p in series.glob("*.dcm"))[:2]  # two files of one series
+    assert len(expand_inputs([*levels, "."])) == 1
     monkeypatch.chdir("/")
     with pytest.raises(InvalidArgumentError, match="output name"):
         item_stems([Path("/")])

@@ -1,11 +1,11 @@
 """Inputs of a multi-item command: files, folders, globs and list files -> a fixed item list.
 
 Which files are items is decided by :mod:`histotile.items` (one table for every command).
-Folders and globs expand sorted and recursively; list files (``.txt`` one path per line with
-``#`` comments, ``.csv`` with a path/slide column) keep their order; the first occurrence of a
-duplicate wins. A path that does not exist -- named on the command line or in a list -- is kept
-as an item, so the run records it as failed and the others still run; only when *no* input
-exists at all is the call refused up front.
+Folders and globs expand sorted and recursively; list files (``.txt`` one path per line with ``#``
+comments, ``.csv`` with a path/slide column) keep their order; the first occurrence of a duplicate
+wins (two files of one DICOM series are one slide). A path that does not exist -- named on the
+command line or in a list -- is kept as an item, so the run records it as failed and the others
+still run; only when *no* input exists at all is the call refused up front.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError
-from histotile.items import DICOM_SUFFIX, ItemKind, extensions, item_kind
+from histotile.items import DICOM_SUFFIX, ItemKind, extensions, item_kind, item_suffix
 
 LIST_COLUMNS = ("path", "slide", "filename", "file")
 RUN_JSON = "run.json"
@@ -110,6 +110,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]],
                                      "list file", subject="''")
         for item in _expand_one(text, kinds):
             key = os.path.normpath(os.path.abspath(item))
+            if item_suffix(item) == DICOM_SUFFIX:  # any file of a series is the series
+                key = os.path.dirname(key)
             if key not in seen:
                 seen.add(key)
                 items.append(item)
