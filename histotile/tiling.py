@@ -49,7 +49,7 @@ from histotile.batch import (
 from histotile.errors import InvalidArgumentError, NoTissueError
 from histotile.grid import make_grid
 from histotile.hpc import run_items
-from histotile.items import item_kind, item_stem, item_suffix
+from histotile.items import ItemKind, item_kind, item_stem, item_suffix
 from histotile.options import DEFAULT_TILE_MPP, TileOptions
 from histotile.patches import iter_patch_batches, plan_regions, sample_patches
 from histotile.slide import open_slide
@@ -189,7 +189,7 @@ def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], bat
             h5.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
             for key, value in attrs.items():
                 h5.attrs[key] = _h5_attr(value)
-            with tqdm(total=n, unit="patch", desc=path.stem, disable=not progress,
+            with tqdm(total=n, unit="patch", desc=Path(slide.path).name[-30:], disable=not progress,
                       leave=False) as bar:
                 for idx, batch in iter_patch_batches(slide, grid, batch_size):
                     if transform is not None:
@@ -220,6 +220,7 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- many slides
+SLIDES_ONLY: tuple[ItemKind, ...] = ("slide",)
 #: Options that do not change an archive's contents (left out of the resume fingerprint).
 NEUTRAL_FIELDS = frozenset({"batch_size", "progress"})
 
@@ -293,7 +294,7 @@ def tile(slides: str | Path | Sequence[str | Path], out: str | Path,
         raise InvalidArgumentError(str(exc), "see histotile.options.TileOptions for the fields",
                                    subject="tile") from None
     paths = [slides] if isinstance(slides, (str, Path)) else list(slides)
-    items = expand_inputs(paths, kinds=("slide",))
+    items = expand_inputs(paths, kinds=SLIDES_ONLY)
     folder, stem, suffix = _target(Path(out), len(items))
     fingerprint = tile_fingerprint(opts)
     make_normalizer(opts.stain_norm, target_image=opts.stain_target, channels_last=True)

@@ -464,17 +464,16 @@ def test_issue17_5_full_disk_leaves_no_lock_and_no_part_file(tmp_path: Path) -> 
     assert [r.status for r in summary.results] == ["done"] and summary.exit_code == 0
 
 
-def test_issue17_5_busy_item_is_not_success(tmp_path: Path, caplog) -> None:
+def test_issue17_5_busy_item_is_not_success(tmp_path: Path) -> None:
     """A slide skipped because another run holds it was 'skipped' with exit 0."""
     folder = make_slide_folder(tmp_path / "in", ["a.svs", "b.svs"])
     out = tmp_path / "out"
     _write_lock(out, "b", "other-node", 4242)  # a live holder on another node
-    with caplog.at_level("WARNING"):
-        summary = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
+    summary = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)
     assert [r.status for r in summary.results] == ["done", "busy"]
     assert summary.exit_code == 75 and "other-node" in summary.busy[0].error
     assert [r["status"] for r in read_manifest(out / "manifest.csv")] == ["done", "busy"]
-    assert any("1 of 2 items are being computed by another run" in m for m in caplog.messages)
+    assert "1 of 2 items are being computed by another run" in summary.busy_line()
     assert "busy: b.svs" in summary.table()
     (out / ".locks" / "b.lock").unlink()  # that run ended without finishing b
     rerun = run_batch(expand_inputs([str(folder)]), out, thumb_process, {}, progress=False)

@@ -371,3 +371,23 @@ def test_tile_cli_takes_its_shard_from_a_slurm_array_task(cmu_small, tmp_path, m
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "o").glob("*.h5")) == ["b.h5"]
     assert (tmp_path / "o" / "manifest-1-of-2.csv").exists()
+
+
+def test_issue17_5_tile_cli_ends_busy_with_exit_75_and_a_line(cmu_small, tmp_path, capsys):
+    """A slide held by another run (a live lock on another node) is not success."""
+    import json
+    import time
+
+    from histotile.cli import main
+
+    folder = _copies(tmp_path / "in", ["a.svs", "b.svs"], cmu_small)
+    out = tmp_path / "out"
+    (out / ".locks").mkdir(parents=True)
+    (out / ".locks" / "b.lock").write_text(json.dumps({"host": "node-7", "pid": 99,
+                                                       "time": time.time()}))  # GENERATED
+    with pytest.raises(SystemExit) as info:
+        main(["tile", str(folder), "-o", str(out), "--limit", "2"])
+    err = capsys.readouterr().err
+    assert info.value.code == 75
+    assert "1 of 2 items are being computed by another run" in err and "node-7" in err
+    assert (out / "a.h5").exists() and not (out / "b.h5").exists()

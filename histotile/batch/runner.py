@@ -45,7 +45,6 @@ from histotile.batch.state import (
     BatchSummary,
     ItemResult,
     atomic_write_text,
-    busy_line,
     error_line,
     manifest_name,
     now,
@@ -316,8 +315,7 @@ def plan_items(items: Sequence[str | os.PathLike[str]], shard: tuple[int, int] |
 def finish_summary(summary: BatchSummary, out: Path, stems: Sequence[str],
                    fingerprint: dict[str, Any], layout: Layout,
                    print_summary: bool) -> BatchSummary:
-    """Settle busy items (``stems``: one per result), write the manifest, print the table and
-    the busy line."""
+    """Settle busy items (``stems``: one per result), write the manifest, print the table."""
     summary.results = [settle_busy(r, out, s, fingerprint, layout)
                        for r, s in zip(summary.results, stems, strict=True)]
     try:
@@ -326,9 +324,6 @@ def finish_summary(summary: BatchSummary, out: Path, stems: Sequence[str],
         log.error("could not write the manifest: %s", error_line(exc))
     if print_summary:
         print(summary.table(), file=sys.stderr)
-    line = busy_line(summary.results)
-    if line:
-        log.warning("%s", line)
     return summary
 
 

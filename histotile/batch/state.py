@@ -140,6 +140,10 @@ class BatchSummary:
     def table(self) -> str:
         return summary_table(self.results)
 
+    def busy_line(self) -> str | None:
+        """The closing line of a run that left items to another run, else None."""
+        return busy_line(self.results)
+
 
 def summary_table(results: Sequence[ItemResult], max_listed: int = 20) -> str:
     """A short plain-text summary: counts, then one line per failed or busy item."""

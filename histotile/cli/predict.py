@@ -98,6 +98,8 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values:
     reporter.close()
     for line in accuracy_lines(summary):
         click.echo(line)
+    if busy := summary.busy_line():
+        click.echo(busy, err=True)
     if summary.exit_code:  # 1: an item failed; 75: items left busy in another run
         sys.exit(summary.exit_code)  # (ctx.exit's code is lost under standalone_mode=False)
 

@@ -75,5 +75,7 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
     if summary.failed:
         click.echo(f"{len(summary.failed)} of {len(summary.results)} slides failed "
                    f"(see {summary.manifest})", err=True)
+    if busy := summary.busy_line():
+        click.echo(busy, err=True)
     if summary.exit_code:
         sys.exit(summary.exit_code)

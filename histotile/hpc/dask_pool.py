@@ -127,12 +127,13 @@ def run_with_dask(items: Sequence[str | os.PathLike[str]], out_dir: str | os.Pat
         for fut in as_completed(futures):
             i = futures[fut]
             try:
-                results[i] = fut.result()
+                result: ItemResult = fut.result()
             except Exception as exc:  # the worker died (OOM, segfault) or lost the task
-                results[i] = ItemResult(str(paths[i]), "failed", error=error_line(exc))
-            if results[i].status == "failed" and report is not None:
+                result = ItemResult(str(paths[i]), "failed", error=error_line(exc))
+            results[i] = result
+            if result.status == "failed" and report is not None:
                 with above_bar(bar):
-                    report(paths[i], results[i])
+                    report(paths[i], result)
             if bar is not None:
                 bar.update()
     if bar is not None:
