@@ -53,7 +53,7 @@ from histotile.batch.state import (
     write_state,
 )
 from histotile.errors import HistotileError, InputNotFoundError, InvalidArgumentError
-from histotile.items import item_stems
+from histotile.items import DICOM_SUFFIX, item_stems, item_suffix
 from histotile.slide import open_slide
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,9 @@ def _norm(obj: Any) -> Any:
 
 
 def _source(item: Path) -> str:
-    return os.path.realpath(item)
+    """What an item is, for "is this output mine": its real path (a DICOM file: its series)."""
+    real = os.path.realpath(item)
+    return os.path.dirname(real) if item_suffix(real) == DICOM_SUFFIX else real
 
 
 def finished_run(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
@@ -109,7 +111,7 @@ def _finished(run_json: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | N
 
 def _same_source(run: dict[str, Any], item: Path) -> bool:
     recorded = run.get("source")
-    return recorded is None or recorded == _source(item)  # records before 0.2 lack "source"
+    return recorded is None or recorded == _source(item)  # older records lack it
 
 
 def _patches(info: dict[str, Any]) -> int | None:
