@@ -187,3 +187,20 @@ def test_dask_worker_setup_failure_is_per_item(tmp_path: Path) -> None:
                         executor="local", jobs=1, progress=False)
     assert [r.status for r in summary.results] == ["failed"]
     assert summary.results[0].error == "RuntimeError: no model loaded"
+
+
+def test_tile_on_the_local_dask_executor(tmp_path: Path) -> None:
+    """tile's process (files layout) pickles to dask workers and lands like a serial run."""
+    import h5py
+
+    import histotile
+
+    folder = slide_folder(tmp_path / "in", ["a.svs", "b.svs"])
+    out = tmp_path / "out"
+    summary = histotile.tile(folder, out, limit=3, executor="local", jobs=2, progress=False)
+    assert [r.status for r in summary.results] == ["done", "done"], summary.table()
+    for stem in ("a", "b"):
+        with h5py.File(out / f"{stem}.h5") as f:
+            assert f["x"].shape == (3, 96, 96, 3)
+    again = histotile.tile(folder, out, limit=3, progress=False)
+    assert [r.status for r in again.results] == ["skipped", "skipped"]
