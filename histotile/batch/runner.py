@@ -366,7 +366,10 @@ def run_batch(items: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLik
             if bar is not None:
                 bar.update()
             if time.monotonic() - last_write > manifest_every_s:
-                write_manifest(manifest, summary.results)
+                try:
+                    write_manifest(manifest, summary.results)
+                except OSError as exc:  # e.g. a full disk: keep going, the items decide
+                    log.warning("could not update the manifest: %s", error_line(exc))
                 last_write = time.monotonic()
     finally:
         if bar is not None:
