@@ -24,6 +24,7 @@ from histotile.models.preprocess import BatchPipeline, Preprocessing
 from histotile.options import EvaluateOptions
 from histotile.train.datasets import DatasetSplits, PatchSet, load_dataset
 from histotile.train.loop import _full_metrics, _write_reports, predict_probs
+from histotile.train.metrics import compare_models
 
 log = logging.getLogger(__name__)
 FALLBACK_VAL_FRACTION = 0.1  # a card without a recorded split (and no --val-fraction)
@@ -108,8 +109,6 @@ def evaluate(model: str | Path | None, dataset: str | Path,
         odata, _ = load_dataset_for(other.card, dataset, options.replace(download=False))
         probs_b = split_probabilities(other, odata.split(options.split), options,
                                       f"evaluate {other.card.name}")
-        from histotile.train.metrics import compare_models
-
         metrics["comparison"] = {"other_model": other.card.name,
                                  **compare_models(y, probs, probs_b, card.class_names)}
     if options.out_dir is not None:
