@@ -106,6 +106,8 @@ def test_issue16_evaluate_uses_the_card_split_by_default(caplog: pytest.LogCaptu
                  plots=False)
     assert m["n"] == 200 and m["accuracy"] == 0.87
     assert "from the model card" in m["split_source"]
+    assert m["preprocessing"]["stain"]["method"] == "none"  # the same definition as predict
+    assert m["options"]["val_fraction"] is None  # not given: the card's
     with caplog.at_level(logging.WARNING):
         other = evaluate(_bundled(), npz, split="val", device="cpu", progress=False, n_boot=0,
                          plots=False, val_fraction=0.1)

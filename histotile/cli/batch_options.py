@@ -106,9 +106,38 @@ def quiet_dask(executor: str) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_failure(item: Any, result: Any) -> None:
-    """``on_error`` of the commands: one ``error:`` line per failed item (Path, ItemResult)."""
+def failure_line(result: Any) -> str:
+    """``error: <item>: <message> (<hint>)`` for a failed item's result."""
     text = result.error
     if result.slide not in text:
         text = f"{result.slide}: {text}"
-    click.echo(f"error: {text}", err=True)
+    return f"error: {text}"
+
+
+def print_failure(item: Any, result: Any) -> None:
+    """``on_error`` of the commands: one ``error:`` line per failed item (Path, ItemResult)."""
+    click.echo(failure_line(result), err=True)
+
+
+class FailureReporter:
+    """``on_error`` that prints one ``error:`` line per failed item, except that an error that
+    does not name its item (a model that cannot be loaded fails every item the same way) is
+    printed once; :meth:`close` then counts the other items it stopped."""
+
+    def __init__(self) -> None:
+        self.repeats: dict[str, list[str]] = {}
+
+    def __call__(self, item: Any, result: Any) -> None:
+        if result.slide not in result.error:
+            if result.error in self.repeats:
+                self.repeats[result.error].append(str(result.slide))
+                return
+            self.repeats[result.error] = []
+        click.echo(failure_line(result), err=True)
+
+    def close(self) -> None:
+        for others in self.repeats.values():
+            if others:
+                shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                click.echo(f"(the same error stopped {len(others)} more item"
+                           f"{'s' if len(others) > 1 else ''}: {shown})", err=True)

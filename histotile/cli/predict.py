@@ -13,7 +13,12 @@ from typing import Any
 
 import click
 
-from histotile.cli.batch_options import batch_options, pop_batch_options, quiet_dask
+from histotile.cli.batch_options import (
+    FailureReporter,
+    batch_options,
+    pop_batch_options,
+    quiet_dask,
+)
 from histotile.cli.common import (
     backend_option,
     debug_flag,
@@ -102,29 +107,3 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values:
         click.echo(busy, err=True)
     if summary.exit_code:  # 1: an item failed; 75: items left busy in another run
         sys.exit(summary.exit_code)  # (ctx.exit's code is lost under standalone_mode=False)
-
-
-class FailureReporter:
-    """One ``error:`` line per failed item, except that an error that does not name its item
-    (a model that cannot be loaded fails every item the same way) is printed once, with a
-    count of the other items it stopped at the end."""
-
-    def __init__(self) -> None:
-        self.repeats: dict[str, list[str]] = {}
-
-    def __call__(self, item: Any, result: Any) -> None:
-        text = result.error
-        if result.slide not in text:
-            if text in self.repeats:
-                self.repeats[text].append(str(result.slide))
-                return
-            self.repeats[text] = []
-            text = f"{result.slide}: {text}"
-        click.echo(f"error: {text}", err=True)
-
-    def close(self) -> None:
-        for others in self.repeats.values():
-            if others:
-                shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-                click.echo(f"(the same error stopped {len(others)} more item"
-                           f"{'s' if len(others) > 1 else ''}: {shown})", err=True)

@@ -19,6 +19,7 @@ from typing import Any
 from histotile.archives import is_archive
 from histotile.batch import BatchSummary, expand_inputs, resolve_shard
 from histotile.errors import InvalidArgumentError, ModelError
+from histotile.explain import _cam_target
 from histotile.hpc import run_items
 from histotile.inference.archives import predict_archive
 from histotile.inference.context import PredictContext
@@ -27,6 +28,7 @@ from histotile.inference.model import LazyModel
 from histotile.inference.provenance import library_command
 from histotile.inference.slides import predict_slide
 from histotile.models.card import ModelCard
+from histotile.models.loading import resolve_device
 from histotile.options import PredictOptions
 
 
@@ -67,8 +69,6 @@ def check_against_card(options: PredictOptions, card: ModelCard) -> None:
             f"--attention needs a Vision Transformer, not architecture {card.architecture.name!r}",
             "use a model trained with --arch vit, or --gradcam", subject=card.name)
     if options.gradcam:
-        from histotile.explain import _cam_target
-
         try:
             _cam_target(options.cam_class, card.class_names)
         except InvalidArgumentError as exc:
@@ -118,8 +118,6 @@ def predict(inputs: str | Path | Sequence[str | Path], out_dir: str | Path = "hi
     model = LazyModel(options.model, options.device)  # the card: one error, up front
     check_against_card(options, model.card)
     if options.device not in ("auto", "cpu"):  # an unavailable device: one error, up front
-        from histotile.models.loading import resolve_device
-
         resolve_device(options.device)
     items = expand_inputs(inputs)
     fingerprint = derive_fingerprint(options, model.card)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from histotile.models.card import ModelCard
+from histotile.models.loading import resolve_device
 from histotile.models.preprocess import Preprocessing
 from histotile.options import PredictOptions
 
@@ -43,8 +44,6 @@ def model_identity(card: ModelCard) -> dict[str, Any]:
 def device_class(device: str) -> str:
     """``cpu``/``cuda``/``mps`` (``auto`` is resolved, which imports torch)."""
     if device == "auto":
-        from histotile.models.loading import resolve_device
-
         return str(resolve_device("auto").type)
     return device.split(":")[0]
 

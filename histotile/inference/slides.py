@@ -21,27 +21,37 @@ from typing import Any
 
 import numpy as np
 
+from histotile.attention import cls_attention
 from histotile.errors import CorruptSlideError, HistotileError, NoTissueError
+from histotile.explain import (
+    CamStitcher,
+    GradCAM,
+    _cam_target,
+    resolve_layer,
+    write_gradcam_overlay_from_store,
+)
+from histotile.export.csv import PredictionsCSVWriter
+from histotile.export.ome_tiff import export_ome_tiff
+from histotile.export.overlay import write_mask_png, write_overlay
+from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter, write_merged
+from histotile.grid import make_grid
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
 from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
+from histotile.patches import plan_regions, sample_patches
+from histotile.slide import open_slide
+from histotile.stitch import HeatmapWriter
+from histotile.tissue import detect_tissue
 
 CAM_PIXELS_PER_PATCH = 8  # default --cam-resolution = patch_size_level0 / this
 
 
 def _slide_stain_sample(slide: Any, grid: Any) -> np.ndarray:
-    from histotile.patches import sample_patches
-
     return sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
 
 
 def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, Any]:
     """Predict one slide into ``tmp_dir`` (every output but run.json); returns run info."""
-    from histotile.grid import make_grid
-    from histotile.patches import plan_regions
-    from histotile.slide import open_slide
-    from histotile.tissue import detect_tissue
-
     timer = StageTimer()
     card = ctx.model.card
     with timer("open"):
@@ -105,10 +115,8 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                tmp_dir: Path, ctx: PredictContext, timer: StageTimer
                ) -> tuple[Any, dict[str, Any]]:
     """Stream the slide through the model into the writers; returns (engine stats, run info)."""
-    from histotile.engine import EngineStats, run_inference
-    from histotile.export.csv import PredictionsCSVWriter
-    from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter
-    from histotile.stitch import HeatmapWriter
+    from histotile.engine import EngineStats, run_inference  # engine imports torch
+
 
     card = ctx.model.card
     names, colors = card.class_names, card.class_colors
@@ -177,8 +185,6 @@ def default_cam_resolution(patch_size_level0: Any) -> float:
 
 def _gradcam_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
     """The CAM stitcher on the heatmap store and the engine's ``explain`` factory."""
-    from histotile.explain import CamStitcher, _cam_target
-
     card = ctx.model.card
     target = _cam_target(ctx.options.cam_class, card.class_names)
     resolution = ctx.options.cam_resolution or default_cam_resolution(grid.patch_size_level0)
@@ -191,8 +197,6 @@ def _gradcam_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]
 
 def _attention_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
     """The ``attention`` image's stitcher and the engine's ``explain`` factory (ViT only)."""
-    from histotile.explain import CamStitcher
-
     resolution = ctx.options.cam_resolution or default_cam_resolution(grid.patch_size_level0)
     stitcher = CamStitcher.from_grid(
         heat, grid, resolution, name="attention",
@@ -203,8 +207,6 @@ def _attention_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, An
 
 def _make_attention(loaded: Any) -> Any:
     """``x -> (head-mean CLS attention (B, g, g), probs)`` for a loaded ViT."""
-    from histotile.attention import cls_attention
-
     def fn(x: Any) -> Any:
         per_head, probs = cls_attention(loaded.module, x)
         return per_head.mean(dim=1), probs
@@ -214,8 +216,6 @@ def _make_attention(loaded: Any) -> Any:
 
 def _make_cam(loaded: Any, ctx: PredictContext, target: str | int) -> Any:
     """``x -> (raw maps at the layer's grid, probs)`` for a loaded model (a GradCAM pass)."""
-    from histotile.explain import GradCAM, resolve_layer
-
     layer = resolve_layer(loaded.module, ctx.options.cam_layer,
                           loaded.card.architecture.name)
     cam = GradCAM(loaded.module, layer)
@@ -240,8 +240,6 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
         "min_prob": ctx.options.qupath_min_prob, "tiles_written": geo.count,
         "tiles_dropped": geo.dropped, "merged": ctx.options.qupath_merge}}
     if stitcher is not None and ctx.options.attention:
-        from histotile.explain import write_gradcam_overlay_from_store
-
         write_gradcam_overlay_from_store(tmp_dir / "attention_overlay.png",
                                          tmp_dir / "heatmap.ome.zarr", tissue.thumbnail,
                                          tissue.downsample, name="attention",
@@ -253,8 +251,6 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
             "cam_scale": stitcher.cam_scale, "raw_max": stitcher.max_value,
             "image": "heatmap.ome.zarr/attention"}
     elif stitcher is not None:
-        from histotile.explain import write_gradcam_overlay_from_store
-
         write_gradcam_overlay_from_store(tmp_dir / "gradcam_overlay.png",
                                          tmp_dir / "heatmap.ome.zarr", tissue.thumbnail,
                                          tissue.downsample)
@@ -265,21 +261,15 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
             "block": stitcher.block, "cam_scale": stitcher.cam_scale,
             "raw_max": stitcher.max_value, "image": "heatmap.ome.zarr/gradcam"}
     if ctx.options.qupath_merge:
-        from histotile.export.qupath import write_merged
-
         write_merged(tmp_dir, card.class_names, [list(c) for c in card.class_colors],
                      gzip=not ctx.options.geojson_plain, id_seed=seed)
     if ctx.options.ome_tiff:
-        from histotile.export.ome_tiff import export_ome_tiff
-
         export_ome_tiff(tmp_dir)
     return info
 
 
 def _pictures(tmp_dir: Path, tissue: Any, grid: Any, labels: np.ndarray,
               ctx: PredictContext) -> None:
-    from histotile.export.overlay import write_mask_png, write_overlay
-
     card = ctx.model.card
     write_mask_png(tmp_dir / "tissue.png", tissue.mask)
     write_overlay(tmp_dir / "overlay.png", tissue.thumbnail, tissue.downsample, grid.coords,

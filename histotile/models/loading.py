@@ -230,7 +230,7 @@ def _load_safetensors(card: ModelCard, path: Path, device: torch.device) -> nn.M
                          f"{card.num_classes} classes: {detail}",
                          "the card's architecture, kwargs or classes differ from the training run",
                          subject=str(path)) from None
-    return module.to(device=device, memory_format=torch.channels_last)
+    return module.to(device=device).to(memory_format=torch.channels_last)
 
 
 def _load_torchscript(path: Path, device: torch.device) -> nn.Module:

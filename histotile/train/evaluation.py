@@ -20,10 +20,11 @@ import numpy as np
 from histotile.errors import DatasetError, InvalidArgumentError, ModelError
 from histotile.models.card import ModelCard
 from histotile.models.loading import LoadedModel, load_model
-from histotile.models.preprocess import BatchPipeline
+from histotile.models.preprocess import BatchPipeline, Preprocessing
 from histotile.options import EvaluateOptions
 from histotile.train.datasets import DatasetSplits, PatchSet, load_dataset
 from histotile.train.loop import _full_metrics, _write_reports, predict_probs
+from histotile.train.metrics import compare_models
 
 log = logging.getLogger(__name__)
 FALLBACK_VAL_FRACTION = 0.1  # a card without a recorded split (and no --val-fraction)
@@ -95,7 +96,9 @@ def evaluate(model: str | Path | None, dataset: str | Path,
     probs = split_probabilities(loaded, ps, options, f"evaluate {card.name}")
     metrics: dict[str, Any] = {"model": card.name, "weights_sha256": loaded.weights_sha256,
                                "dataset": data.description, "split": options.split,
-                               "split_source": _split_text(data, options.split, source)}
+                               "split_source": _split_text(data, options.split, source),
+                               "preprocessing": Preprocessing.from_card(card).describe(),
+                               "options": options.to_dict()}
     metrics.update(_full_metrics(y, probs, card.class_names, options.n_boot))
     if options.compare is not None:
         other = load_model(options.compare, device=options.device)
@@ -106,8 +109,6 @@ def evaluate(model: str | Path | None, dataset: str | Path,
         odata, _ = load_dataset_for(other.card, dataset, options.replace(download=False))
         probs_b = split_probabilities(other, odata.split(options.split), options,
                                       f"evaluate {other.card.name}")
-        from histotile.train.metrics import compare_models
-
         metrics["comparison"] = {"other_model": other.card.name,
                                  **compare_models(y, probs, probs_b, card.class_names)}
     if options.out_dir is not None:
