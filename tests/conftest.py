@@ -1,32 +1,16 @@
-"""Shared fixtures: real data from ../shared/data, else the project's sample-data cache."""
+"""Shared fixtures. Test data comes from tests/data and tests/generate.py (see tests/helpers.py);
+``../shared/data`` is an optional extra, never needed. Slow tests (``@pytest.mark.slow``) run only
+with ``-m slow`` or ``-m ""`` (pyproject's addopts deselect them by default)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def real_data(relpath: str) -> Path:
-    """Path of a real data file: ``../shared/data/<relpath>`` or histotile's sample-data cache.
-
-    Skips the test with the reason when the file can be had neither way.
-    """
-    local = SHARED_DATA / relpath
-    if local.exists():
-        return local
-    try:
-        from histotile.sample_data import fetch_by_path
-
-        return fetch_by_path(relpath)
-    except Exception as exc:  # noqa: BLE001 - any failure means "cannot be had here"
-        pytest.skip(f"real data {relpath!r} not in ../shared/data and not obtainable: {exc}")
+from helpers import CMU, ROOT, SHARED_DATA, real_data  # noqa: F401 - re-exported for test files
 
 
 @pytest.fixture(scope="session")
 def cmu_small() -> Path:
     """CMU-1-Small-Region.svs (Aperio, CC0): the main sample slide."""
-    return real_data("slides/CMU-1-Small-Region.svs")
+    return real_data(CMU)

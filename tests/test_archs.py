@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import real_data
 
 PATHMNIST = "patches/pathmnist_train_first1000.npz"
 KAGGLE = "patches/pcam-kaggle"
@@ -318,18 +318,8 @@ def test_pretrained_unknown_arch() -> None:
         load_pretrained(build_model("vit", 2, 28), "vit")
 
 
-def _pretrained_wired() -> bool:
-    import inspect
-
-    from histotile.train import loop
-
-    return "pretrained" in inspect.signature(loop.train).parameters
-
-
 def test_train_with_pretrained_imagenet(served_entry: tuple[Path, str], small_npz: Path,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not _pretrained_wired():
-        pytest.skip("histotile.train.train has no 'pretrained' option yet (wiring pending)")
     from histotile.models.card import load_card
 
     _, sha = served_entry

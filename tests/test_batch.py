@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import real_data
+from helpers import real_data
 
 from histotile.batch import (
     ItemLock,

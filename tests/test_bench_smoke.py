@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import ROOT, real_data
+from helpers import ROOT, real_data
 
 BENCH = ROOT / "bench"
 
@@ -130,8 +130,6 @@ def test_tiatoolbox_mask_marks_each_patch_centre_once(tmp_path: Path) -> None:
 
 
 def test_run_quick_runs_histotile(source: Path, tmp_path: Path) -> None:
-    if importlib.util.find_spec("histotile.cli.predict") is None:
-        pytest.skip("histotile predict is not available yet")
     real_data("slides/CMU-1-Small-Region.svs")
     slide = tmp_path / "quick.tif"
     out = tmp_path / "run"

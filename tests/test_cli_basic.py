@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from conftest import real_data
+from helpers import real_data
 
 from histotile.cli import main
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import http.server
@@ -14,42 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import KAGGLE, PATHMNIST, kaggle_patches, real_data, write_pcam_h5
 
 from histotile.errors import ChecksumError, DatasetError
 from histotile.train.datasets import H5Patches, load_dataset, stratified_split
 
-PATHMNIST = "patches/pathmnist_train_first1000.npz"
-KAGGLE = "patches/pcam-kaggle"
 
-
-def kaggle_patches() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The 15 real Kaggle PCam patches (96 px) with their labels, in CSV order."""
-    from PIL import Image
-
-    folder = real_data(KAGGLE)
-    with open(folder / "train_labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    x = np.stack([np.asarray(Image.open(folder / "train" / f"{r['id']}.tif").convert("RGB"))
-                  for r in rows])
-    return x, np.array([int(r["label"]) for r in rows], np.uint8), [r["id"] for r in rows]
-
-
-def write_pcam_h5(folder: Path, split: str, x: np.ndarray, y: np.ndarray) -> Path:
-    """A DERIVED PCam-layout pair (x uint8 (N,96,96,3), y uint8 (N,1,1,1)) from real patches."""
-    import h5py
-
-    folder.mkdir(parents=True, exist_ok=True)
-    xp = folder / f"camelyonpatch_level_2_split_{split}_x.h5"
-    with h5py.File(xp, "w") as f:
-        f.create_dataset("x", data=x, chunks=(1, 96, 96, 3))
-        f.attrs["note"] = "derived from 15 real Kaggle PCam patches for tests"
-    with h5py.File(folder / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as f:
-        f.create_dataset("y", data=y.reshape(-1, 1, 1, 1))
-    return xp
-
-
-# --------------------------------------------------------------------------- PathMNIST
 def test_pathmnist_subset_stratified_split() -> None:
     npz = real_data(PATHMNIST)
     data = load_dataset("pathmnist", npz.parent, val_fraction=0.2, seed=3)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import real_data
 
 PATHMNIST = "patches/pathmnist_train_first1000.npz"
 KAGGLE = "patches/pcam-kaggle"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_predict import make_untrained_model
+from helpers import make_untrained_model
 
 from histotile.engine import (
     EngineStats,

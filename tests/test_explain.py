@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
-
-torch = pytest.importorskip("torch")
+import torch
+from helpers import real_data
 
 
 # --------------------------------------------------------------------------- real data

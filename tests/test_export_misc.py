@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_export_qupath import write_result
-from test_stitch import CLASSES, COLORS, cmu_grid, generated_probs, write_heatmap
+from helpers import CLASSES, COLORS, cmu_grid, generated_probs, write_heatmap, write_result
 
 from histotile.export.csv import PredictionsCSVWriter, read_predictions_csv
 from histotile.export.overlay import label_image, write_mask_png, write_overlay

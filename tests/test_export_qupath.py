@@ -13,37 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_stitch import CLASSES, COLORS, cmu_grid, generated_probs
+from helpers import CLASSES, COLORS, cmu_grid, generated_probs, write_result
 
-from histotile.export.csv import PredictionsCSVWriter, read_predictions_csv
+from histotile.export.csv import read_predictions_csv
 from histotile.export.qupath import (
     GeoJSONTileWriter,
     export_qupath,
     merge_classes,
     open_geojson,
 )
-from histotile.stitch import HeatmapWriter, level0_to_heatmap_pixel, read_coverage, read_heatmap
-
-
-def write_result(folder: Path, grid: dict, probs: np.ndarray, batch: int = 16) -> Path:
-    """What predict writes for a slide, batch by batch (see histotile.predict)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    size = grid["attrs"]["patch_size_level0"]
-    with (HeatmapWriter(folder / "heatmap.ome.zarr", grid["grid_shape"], grid["indices"],
-                        CLASSES, COLORS, grid["attrs"]) as heat,
-          PredictionsCSVWriter(folder / "predictions.csv", CLASSES, size) as table,
-          GeoJSONTileWriter(folder / "tiles.geojson.gz", CLASSES, COLORS,
-                            id_seed=f"{folder.name}.svs") as tiles):
-        for s in range(0, len(probs), batch):
-            sl = slice(s, s + batch)
-            heat.write(grid["indices"][sl], probs[sl])
-            table.write(grid["coords"][sl], probs[sl])
-            tiles.write(grid["coords"][sl], probs[sl], size)
-    card = {"classes": [{"name": n, "color": list(c)}
-                        for n, c in zip(CLASSES, COLORS, strict=True)]}
-    run = {"slide": f"/slides/{folder.name}.svs", "model": {"card": card}}
-    (folder / "run.json").write_text(json.dumps(run))
-    return folder
+from histotile.stitch import level0_to_heatmap_pixel, read_coverage, read_heatmap
 
 
 def load(path: Path) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import real_data
 
 from histotile.errors import InvalidArgumentError, MissingMppError
 from histotile.grid import make_grid, tissue_fractions

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import real_data
+from helpers import real_data
 
 from histotile import hpc
 from histotile.batch import expand_inputs, make_probe_process, run_batch

@@ -17,7 +17,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import real_data
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,

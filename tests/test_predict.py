@@ -15,62 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import (
+    PATHMNIST,
+    PATHMNIST_CLASSES,
+    make_untrained_model,
+    read_csv,
+    real_data,
+    run_cli,
+)
 
 from histotile.cli import main
-
-PATHMNIST = "patches/pathmnist_train_first1000.npz"
-PATHMNIST_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
-
-
-def make_untrained_model(folder: Path, patch_size: int = 28, mpp: float = 4.0,
-                         classes: list[str] | None = None, stain: str = "macenko",
-                         seed: int = 0) -> Path:
-    """A GENERATED model folder: freshly initialised smallcnn + a schema-valid card."""
-    import torch
-    from safetensors.torch import save_file
-
-    from histotile.download import file_digest
-    from histotile.models.architectures import build_model
-    from histotile.models.card import ClassInfo, ModelCard
-
-    classes = classes or PATHMNIST_CLASSES
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    module = build_model("smallcnn", len(classes), patch_size)
-    weights = folder / "weights.safetensors"
-    save_file(module.state_dict(), str(weights))
-    colors = [((37 * i) % 256, (91 * i + 60) % 256, (53 * i + 120) % 256)
-              for i in range(len(classes))]
-    ModelCard(
-        name=f"generated-untrained-smallcnn-{patch_size}px", version="0",
-        architecture={"name": "smallcnn", "kwargs": {}},
-        classes=[ClassInfo(n, c) for n, c in zip(classes, colors, strict=True)],
-        patch_size=patch_size, mpp=mpp,
-        input={"mean": [0.7, 0.55, 0.7], "std": [0.15, 0.2, 0.15]},
-        weights={"file": weights.name, "sha256": file_digest(weights, "sha256"),
-                 "format": "safetensors"},
-        stain={"method": stain, "reference": None},
-        notes="generated for tests: untrained weights",
-    ).save(folder)
-    return folder
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``histotile ARGS`` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -394,8 +348,7 @@ def test_default_model_on_cmu(tmp_path: Path, cmu_small: Path,
     """``histotile predict CMU-1-Small-Region.svs`` with no --model: the bundled default."""
     from histotile.models import zoo
 
-    if zoo.DEFAULT_MODEL not in zoo.list_models():
-        pytest.skip(f"bundled model {zoo.DEFAULT_MODEL} not installed yet")
+    assert zoo.DEFAULT_MODEL in zoo.list_models()
     code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(tmp_path)], capsys)
     assert code == 0, err
     folder = tmp_path / "CMU-1-Small-Region"

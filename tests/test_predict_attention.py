@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
-from test_predict import read_csv, run_cli
+from helpers import read_csv, real_data, run_cli
 
 from histotile.cli import main
 
@@ -132,8 +131,7 @@ def test_attention_with_a_cnn_is_one_line(tmp_path: Path, cmu_small: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     from histotile.models import zoo
 
-    if zoo.DEFAULT_MODEL not in zoo.list_models():
-        pytest.skip(f"bundled model {zoo.DEFAULT_MODEL} not installed")
+    assert zoo.DEFAULT_MODEL in zoo.list_models(), "the bundled model is missing"
     code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(tmp_path),
                             "--attention"], capsys)
     assert code != 0 and "smallcnn" in _one_error_line(err)

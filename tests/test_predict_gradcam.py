@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict import read_csv, run_cli
+from helpers import read_csv, run_cli
 
 from histotile.cli import main
 
@@ -21,8 +21,7 @@ from histotile.cli import main
 def _default_model() -> str:
     from histotile.models import zoo
 
-    if zoo.DEFAULT_MODEL not in zoo.list_models():
-        pytest.skip(f"bundled model {zoo.DEFAULT_MODEL} not installed")
+    assert zoo.DEFAULT_MODEL in zoo.list_models(), "the bundled model is missing"
     return zoo.DEFAULT_MODEL
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_predict import make_untrained_model
+from helpers import make_untrained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE_SLIDE = ROOT / "bench" / "make_slide.py"
@@ -32,8 +32,6 @@ print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def _make_slide_module():  # noqa: ANN202
-    if not MAKE_SLIDE.is_file():
-        pytest.skip("bench/make_slide.py is missing")
     spec = importlib.util.spec_from_file_location("histotile_bench_make_slide", MAKE_SLIDE)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -42,10 +40,15 @@ def _make_slide_module():  # noqa: ANN202
 
 
 @pytest.fixture(scope="module")
-def slides(request: pytest.FixtureRequest, cmu_small: Path) -> dict[int, Path]:
-    """generated-mosaic-<size>.tif for both sizes (real CMU pixels), cached across runs."""
+def slides(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           cmu_small: Path) -> dict[int, Path]:
+    """generated-mosaic-<size>.tif for both sizes (real CMU pixels), cached across runs when
+    pytest's cache is on (``-p no:cacheprovider``: made in a temporary folder)."""
     make = _make_slide_module()
-    cache = Path(request.config.cache.mkdir("histotile-generated-slides"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("histotile-generated-slides"))
+    else:
+        cache = tmp_path_factory.mktemp("histotile-generated-slides")
     out = {}
     for size in (SMALL, BIG):
         path = cache / f"generated-mosaic-{size}-seed0.tif"

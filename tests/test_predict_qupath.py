@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict import read_csv
+from helpers import read_csv
 
 from histotile.cli import main
 
@@ -23,8 +23,7 @@ from histotile.cli import main
 def _predict(out: Path, slide: Path, *options: str) -> Path:
     from histotile.models import zoo
 
-    if zoo.DEFAULT_MODEL not in zoo.list_models():
-        pytest.skip(f"bundled model {zoo.DEFAULT_MODEL} not installed")
+    assert zoo.DEFAULT_MODEL in zoo.list_models(), "the bundled model is missing"
     try:
         main(["-q", "predict", str(slide), "-o", str(out), *options])
     except SystemExit as exc:

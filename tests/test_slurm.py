@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import real_data
+from helpers import real_data
 
 from histotile import hpc, predict
 

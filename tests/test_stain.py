@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, real_data
+import torchstain
+from helpers import HE_REFERENCE, HE_SOURCE, HE_TARGET, ROOT, real_data
 from PIL import Image
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError, NoTissueError
@@ -24,19 +26,8 @@ from histotile.stain import (
     stain_jitter,
 )
 
-torchstain = pytest.importorskip("torchstain")
-
-TISSUE_TILES = [
-    "tiles/tissue-level0-4302-10273-4814-10785.png",
-    "tiles/tissue-level0-7352-11762-7864-12274.png",
-    "tiles/tissue-level2-1784-6289-5880-10386.png",
-]
-BLANK_TILES = [
-    "tiles/no-tissue.png",
-    "tiles/no-tissue2.png",
-    "tiles/almost-white-1.png",
-    "tiles/almost-white-2.png",
-]
+TISSUE_TILES = helpers.TISSUE_TILES[:3]
+BLANK_TILES = helpers.BLANK_TILES  # [2] has no stained pixel at all
 
 
 def rgb(relpath: str) -> np.ndarray:
@@ -66,7 +57,7 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def source() -> np.ndarray:
-    return rgb("images/he-source-torchstain.png")
+    return rgb(HE_SOURCE)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +67,9 @@ def tissue() -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- vs torchstain
-@pytest.mark.parametrize("target", ["he-target-torchstain.png", "he-target-tiatoolbox.png"])
+@pytest.mark.parametrize("target", [HE_TARGET, HE_REFERENCE])
 def test_matches_torchstain(source: np.ndarray, target: str) -> None:
-    tgt = rgb(f"images/{target}")
+    tgt = rgb(target)
     ts_torch = torchstain.normalizers.MacenkoNormalizer(backend="torch")
     ts_torch.fit(torch.from_numpy(tgt).permute(2, 0, 1))
     expected_torch, _, _ = ts_torch.normalize(
@@ -116,7 +107,7 @@ def test_torchstain_crashes_where_histotile_passes_through() -> None:
 
 # ----------------------------------------------------------------------------- properties
 def test_reference_image_to_itself_is_near_identity() -> None:
-    target = rgb("images/he-target-tiatoolbox.png")
+    target = rgb(HE_REFERENCE)
     norm = MacenkoNormalizer(reference=StainReference.from_image(target))
     out = norm.normalize(target)
     stained = (-np.log((target.reshape(-1, 3) + 1.0) / 240) >= 0.15).all(axis=1)
@@ -216,7 +207,7 @@ def test_fit_on_blank_raises_and_mask() -> None:
         norm.fit(np.stack([rgb(p) for p in BLANK_TILES]))
     with pytest.raises(NoTissueError):  # generated: one flat colour has no two stains
         norm.fit(np.full((1, 32, 32, 3), (200, 120, 180), np.uint8))
-    image = rgb("images/he-target-torchstain.png")
+    image = rgb(HE_TARGET)
     od = -np.log((image + 1.0) / 240)
     mask = (od >= 0.15).all(axis=-1)
     masked = norm.fit(image, mask=mask)
@@ -234,10 +225,10 @@ def test_reference_default_dict_roundtrip_and_schema() -> None:
 
     ref = StainReference.default()
     assert ref.stain_matrix == DEFAULT_HE and ref.max_concentrations == DEFAULT_MAX_C
-    fitted = StainReference.from_image(real_data("images/he-target-tiatoolbox.png"))
+    fitted = StainReference.from_image(real_data(HE_REFERENCE))
     data = json.loads(json.dumps(fitted.to_dict()))
     assert StainReference.from_dict(data) == fitted
-    assert data["source"] == "he-target-tiatoolbox.png"
+    assert data["source"] == Path(HE_REFERENCE).name
     schema = json.loads((ROOT / "histotile/models/model_card.schema.json").read_text())
     stain_schema = schema["properties"]["stain"]
     jsonschema.validate({"method": "macenko", "reference": data}, stain_schema)
@@ -250,7 +241,7 @@ def test_reference_default_dict_roundtrip_and_schema() -> None:
 def test_make_normalizer(tmp_path: Path) -> None:
     assert make_normalizer("none") is None
     assert make_normalizer("macenko").reference == StainReference.default()
-    target = real_data("images/he-target-torchstain.png")
+    target = real_data(HE_TARGET)
     from_target = make_normalizer("macenko", target_image=target)
     assert from_target.reference.source == target.name
     card_ref = from_target.reference.to_dict()
@@ -294,7 +285,8 @@ def test_cuda_matches_cpu(tissue: np.ndarray) -> None:
 
 
 def test_bench_script_quick() -> None:
-    real_data("images/he-target-tiatoolbox.png")
+    """bench_stain.py finds its images where the tests do (tests/data first): it used to look in
+    ../shared/data only and exit on a fresh clone."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_stain.py"), "--quick"],
         capture_output=True,
@@ -302,5 +294,6 @@ def test_bench_script_quick() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+    assert f"from {Path(HE_REFERENCE).name}," in result.stdout.splitlines()[0]
     assert "histotile per slide (batched apply)" in result.stdout
     assert "torchstain torch, per patch" in result.stdout

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
+from helpers import CLASSES, COLORS, cmu_grid, generated_probs, real_data, write_heatmap
 
 from histotile.errors import InvalidArgumentError
 from histotile.stitch import (
@@ -23,38 +22,6 @@ from histotile.stitch import (
     read_coverage,
     read_heatmap,
 )
-
-CLASSES = ["tumor", "stroma", "background"]
-COLORS = [(200, 0, 0), (0, 160, 0), (30, 30, 200)]
-
-
-def cmu_grid(slide_path: Path, level: int | None = None) -> dict:
-    """The grid predict uses on a real slide: 28 px patches at 4 um/px, Otsu tissue >= 50%
-    (or, with ``level``, 32 px patches read at that level, no tissue filter)."""
-    from histotile.grid import make_grid
-    from histotile.slide import open_slide
-    from histotile.tissue import detect_tissue
-
-    with open_slide(slide_path) as slide:
-        if level is None:
-            grid = make_grid(slide, 28, target_mpp=4.0, tissue=detect_tissue(slide))
-        else:
-            grid = make_grid(slide, 32, level=level)
-        dims = slide.dimensions
-    return {"indices": grid.indices, "coords": grid.coords, "grid_shape": grid.grid_shape,
-            "dimensions": dims, "attrs": grid.to_attrs()}
-
-
-def generated_probs(n: int, c: int = 3, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).dirichlet(np.ones(c), n).astype(np.float32)
-
-
-def write_heatmap(path: Path, grid: dict, probs: np.ndarray, batch: int = 7) -> Path:
-    with HeatmapWriter(path, grid["grid_shape"], grid["indices"], CLASSES, COLORS,
-                       grid["attrs"]) as writer:
-        for s in range(0, len(probs), batch):
-            writer.write(grid["indices"][s:s + batch], probs[s:s + batch])
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from conftest import real_data
+from helpers import real_data
 from PIL import Image
 
 from histotile.grid import make_grid, tissue_fractions

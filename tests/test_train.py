@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import real_data
-from test_datasets import kaggle_patches, write_pcam_h5
+from helpers import kaggle_patches, real_data, write_pcam_h5
 
 from histotile.models.loading import load_model
 from histotile.train import evaluate, train
@@ -158,7 +157,6 @@ def test_train_missing_data_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_macenko_is_recorded_and_applied(tmp_path: Path) -> None:
-    pytest.importorskip("histotile.stain")
     npz = _first_n(tmp_path, 100)
     out = _train(npz, tmp_path / "m", max_steps=1, stain_norm="macenko")
     loaded = load_model(out)

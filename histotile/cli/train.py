@@ -19,7 +19,12 @@ _ARCH_HELP = "Architecture: smallcnn, resnet18, resnet50 (or any registered name
 
 
 def _command_line(ctx: click.Context) -> str:
-    """The command as typed; rebuilt from the parsed options when run in-process."""
+    """The command as typed; rebuilt from the parsed options when run in-process.
+
+    An option is written back when it did not come from its default (click's parameter source:
+    click 8.5 no longer exposes a plain flag's default as ``param.default``)."""
+    from click.core import ParameterSource
+
     argv0 = Path(sys.argv[0]) if sys.argv else Path()
     if argv0.name == "histotile" or argv0.parts[-2:] == ("histotile", "__main__.py"):
         return shlex.join(["histotile", *sys.argv[1:]])
@@ -28,12 +33,17 @@ def _command_line(ctx: click.Context) -> str:
         value = ctx.params.get(param.name)
         if isinstance(param, click.Argument):
             words.append(str(value))
-        elif value is not None and value != param.default:
-            flag = max(param.opts, key=len)
-            if getattr(param, "is_flag", False):
-                words.append(flag if value else max(param.secondary_opts, key=len))
-            else:
-                words += [flag, str(value)]
+            continue
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if value is None or source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            continue
+        flag = max(param.opts, key=len)
+        if getattr(param, "is_flag", False):
+            off = getattr(param, "secondary_opts", [])
+            if value or off:
+                words.append(flag if value else max(off, key=len))
+        else:
+            words += [flag, str(value)]
     return shlex.join(words)
 
 
