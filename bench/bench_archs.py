@@ -2,7 +2,7 @@
 
 Protocol (the same for every architecture):
 
-* data: ``../shared/data/patches/pathmnist_train_first1000.npz`` (28 px, 9 classes);
+* data: ``tests/data/patches/pathmnist_train_first1000.npz`` (28 px, 9 classes);
 * a fixed stratified 80/20 split (scikit-learn ``train_test_split``, seed 0) written as a
   MedMNIST-layout npz: 800 ``train_*`` + 200 ``test_*`` images. The 200 test images are never
   seen in training nor used to pick an epoch;
@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "patches" / "pathmnist_train_first1000.npz"
+# the repository's test copy (the same file as in ../shared/data)
+DATA = ROOT / "tests" / "data" / "patches" / "pathmnist_train_first1000.npz"
 ARCHS = ("smallcnn", "resnet18", "resnet50-attention", "efficientnet-b0", "vit", "xgboost")
 # the longest first in the first queue; the rest share the second core
 QUEUES = (("resnet50-attention",), ("smallcnn", "vit", "efficientnet-b0", "resnet18", "xgboost"))

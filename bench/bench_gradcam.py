@@ -3,7 +3,7 @@ with the grad-cam package's (``pytorch_grad_cam.GradCAM``) batched call, same mo
 
 Models: smallcnn on 28 px PathMNIST patches and resnet18 on 96 px Kaggle PCam patches (both
 ``histotile.models.architectures.build_model``, seeded random weights: speed does not depend on
-training). Patches are real (``../shared/data/patches``), repeated to fill a batch. CPU always,
+training). Patches are real (``tests/data/patches``), repeated to fill a batch. CPU always,
 CUDA too when available. Each figure is the median of ``--runs`` rounds after a warm-up round;
 the variants take turns within a round (fair under changing load).
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "patches"
+DATA = ROOT / "tests" / "data" / "patches"  # the same files as ../shared/data/patches
 
 
 def real_patches(kind: str) -> np.ndarray:
