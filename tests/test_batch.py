@@ -355,6 +355,7 @@ def _snapshot(out: Path) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.slow  # many killed runs: ~6 s quiet, ~17 s busy
 def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     names = [f"slide{i}.svs" for i in range(6)]
     folder = make_slide_folder(tmp_path / "in", names)

@@ -41,6 +41,7 @@ def make_slide(source: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return _load("make_slide")
 
 
+@pytest.mark.slow  # two mosaic slides written: ~7 s quiet, ~30 s busy
 def test_benchmark_slide_is_pyramidal_with_mpp_and_deterministic(make_slide: ModuleType,
                                                                   tmp_path: Path) -> None:
     import numpy as np
@@ -129,6 +130,7 @@ def test_tiatoolbox_mask_marks_each_patch_centre_once(tmp_path: Path) -> None:
     assert sorted(zip(xs.tolist(), ys.tolist(), strict=True)) == [(11, 11), (35, 11), (58, 35)]
 
 
+@pytest.mark.slow  # the whole benchmark in quick mode: ~45 s on 2 cores
 def test_run_quick_runs_histotile(source: Path, tmp_path: Path) -> None:
     real_data("slides/CMU-1-Small-Region.svs")
     slide = tmp_path / "quick.tif"

@@ -25,6 +25,7 @@ def _pictures_ok(folder: Path) -> None:
     assert not list(folder.glob("*.tmp"))
 
 
+@pytest.mark.slow  # t-SNE of the 1,000-image subset
 def test_pathmnist_subset(tmp_path: Path) -> None:
     from histotile.describe import describe
 
@@ -89,6 +90,7 @@ def test_pcam_hdf5_derived(tmp_path: Path) -> None:
     np.testing.assert_allclose(s["channel_mean"][0], 0, atol=1)  # a fraction in [0, 1]
 
 
+@pytest.mark.slow  # t-SNE of 1,000 embeddings
 def test_tsne_on_model_embeddings(tmp_path: Path) -> None:
     from histotile.describe import describe
     from histotile.train import train

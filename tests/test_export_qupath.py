@@ -164,6 +164,7 @@ def test_merge_keeps_holes_and_diagonal_neighbours_apart():
     assert b.geom_type == "MultiPolygon" and len(b.geoms) == 2 and b.is_valid
 
 
+@pytest.mark.slow  # 200k tiles: ~9 s quiet, ~35 s busy
 def test_200k_tiles_stream_with_bounded_memory(tmp_path):
     """200,000 generated tiles: peak RSS growth stays far below the ~100 MB of GeoJSON text a
     non-streaming writer would hold (measured by ru_maxrss in a fresh process: tracemalloc's

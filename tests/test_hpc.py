@@ -161,6 +161,7 @@ def test_batch_options_decorator(monkeypatch) -> None:
 
 # --------------------------------------------------------------------------- dask (local)
 
+@pytest.mark.slow  # a dask LocalCluster start and stop
 def test_local_dask_executor_real_slides(tmp_path: Path) -> None:
     folder = slide_folder(tmp_path / "in", ["a.svs", "b.svs"], corrupt="bad.svs")
     items, out = expand_inputs([str(folder)]), tmp_path / "out"

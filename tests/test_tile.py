@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from helpers import real_data
+from helpers import HE_TARGET, real_data
 from PIL import Image
 
 from histotile.grid import make_grid, tissue_fractions
@@ -195,7 +195,7 @@ def test_tile_stain_norm_macenko_cmu(cmu_small, tmp_path):
     from histotile.stain import StainFit, make_normalizer
 
     raw = tile_slide(cmu_small, tmp_path / "raw", limit=40)
-    target = real_data("images/he-target-torchstain.png")
+    target = real_data(HE_TARGET)
     res = CliRunner().invoke(cli, ["--quiet", "tile", str(cmu_small), "-o", str(tmp_path / "n"),
                                     "--limit", "40", "--stain-norm", "macenko",
                                     "--stain-target", str(target)])

@@ -88,6 +88,7 @@ def test_folder_predicts_on_slide(model: Path, cmu_small: Path, tmp_path: Path) 
     assert len(rows) > 10
 
 
+@pytest.mark.slow  # a full xgboost training through the CLI
 def test_cli_train_arch_xgboost(subset: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     from histotile.cli import main
