@@ -37,7 +37,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,9 +109,13 @@ class EngineStats:
     model_load_s: float = 0.0
     forward_s: float = 0.0
     streams: int = 1
+    unreadable: list[int] = field(default_factory=list)  # grid rows that could not be decoded
 
     def to_dict(self) -> dict[str, float]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()
+               if k != "unreadable"}
+        out["unreadable_patches"] = len(self.unreadable)
+        return out
 
 
 @dataclass
@@ -131,7 +135,9 @@ class StainStep:
 # --------------------------------------------------------------------------- reading
 class RegionDataset(torch.utils.data.Dataset):
     """Item ``i`` = region ``i`` of the grid → ``(idx int64 (n,), uint8 (n,P,P,3), read_s,
-    stain_s)``. The slide is opened lazily per process from ``slide_spec``."""
+    stain_s, unreadable int64 (m,))``. The slide is opened lazily per process from
+    ``slide_spec``. A region with a damaged tile is read patch by patch; the patches that
+    still cannot be decoded are left out of ``idx`` and listed in ``unreadable``."""
 
     def __init__(self, slide_spec: dict[str, Any], grid: Any, regions: list[Any],
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -162,18 +168,23 @@ class RegionDataset(torch.utils.data.Dataset):
             self._slide.close()
         self._slide = None
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-        reader = self.reader
-        if reader is None:
-            from histotile.patches import read_region_patches as reader
+    def __getitem__(self, i: int
+                    ) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
         t0 = time.perf_counter()
-        idx, patches = reader(self.slide(), self.grid, self.regions[i])
+        failed: list[int] = []
+        if self.reader is None:
+            from histotile.patches import read_region_patches
+
+            idx, patches = read_region_patches(self.slide(), self.grid, self.regions[i],
+                                               unreadable=failed)
+        else:
+            idx, patches = self.reader(self.slide(), self.grid, self.regions[i])
         t1 = time.perf_counter()
         if self.stain is not None and len(idx):
             patches = self.stain(patches)
         t2 = time.perf_counter()
         return (np.asarray(idx, dtype=np.int64), np.ascontiguousarray(patches, dtype=np.uint8),
-                t1 - t0, t2 - t1)
+                t1 - t0, t2 - t1, np.asarray(failed, dtype=np.int64))
 
 
 def _thread_prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -251,6 +262,8 @@ def rebatch(regions: Iterable[tuple[Any, ...]], batch_size: int, pin: bool = Fal
             if len(item) >= 4:
                 stats.read_s += float(item[2])
                 stats.stain_s += float(item[3])
+            if len(item) >= 5:
+                stats.unreadable.extend(int(v) for v in item[4])
         if not ring and len(idx):
             shape = (batch_size, *patches.shape[1:])
             ring = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
@@ -425,9 +438,13 @@ def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], mod
     ``idx`` are row numbers into ``grid.coords``/``grid.indices``. Memory is bounded by
     ``batch_size`` times the batches in flight and the readers' prefetch, never by the slide.
     ``plan`` (default: a single stream in the calling thread) spreads the model over cores.
+    Patches that cannot be decoded (a damaged tile) are not yielded; their grid rows end up in
+    ``stats.unreadable`` once the stream is exhausted.
     """
     if workers is None:
         workers = default_workers(device)
+    if stats is None:  # the unreadable patches are counted there
+        stats = EngineStats()
     streams = plan.streams if plan is not None and explain is None else 1
     dataset = RegionDataset(slide_spec, grid, regions, stain=stain, reader=reader)
     regions_it = iter_regions(dataset, workers)

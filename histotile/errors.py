@@ -41,8 +41,33 @@ class CorruptSlideError(HistotileError):
     """The file looks like a slide but reading it failed."""
 
 
+class UnreadableRegionError(CorruptSlideError):
+    """Pixels of one region could not be decoded (a damaged tile); the rest may be fine.
+
+    ``level`` and ``box_level0`` (x, y, width, height in level-0 pixels) say where.
+    """
+
+    def __init__(self, message: str, hint: str = "", subject: str | None = None,
+                 level: int = 0, box_level0: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        super().__init__(message, hint, subject)
+        self.level = level
+        self.box_level0 = tuple(int(v) for v in box_level0)
+
+    def __reduce__(self):  # picklable across DataLoader workers with its extra fields
+        return (type(self), (self.message, self.hint, self.subject, self.level,
+                             self.box_level0))
+
+
 class MissingMppError(HistotileError):
     """The slide carries no pixel size and none was given."""
+
+
+class NotBrightfieldError(HistotileError):
+    """A fluorescence / dark-field slide given to a brightfield (H&E) model."""
+
+
+class TooMuchUnreadableError(CorruptSlideError):
+    """More of the slide's patches could not be decoded than allowed."""
 
 
 class InvalidArgumentError(HistotileError):

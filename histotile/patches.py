@@ -8,17 +8,21 @@ workers can receive regions and read them from their own ``open_slide(**slide.sp
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from histotile.errors import UnreadableRegionError
 from histotile.slide import level_to_level0
 
 if TYPE_CHECKING:
     from histotile.grid import PatchGrid
     from histotile.slide import Slide
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,7 @@ def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
 
 def tile_size(slide: Slide, level: int) -> int:
     """The file's tile width at ``level`` (1 when untiled or unknown)."""
-    value = slide.properties.get(f"{slide.backend}.level[{level}].tile-width")
-    try:
-        return max(1, int(value))
-    except (TypeError, ValueError):
-        return 1
+    return slide.tile_size(level)
 
 
 def plan_regions(grid: PatchGrid, slide: Slide, region_size: int = 2048) -> list[Region]:
@@ -83,12 +83,24 @@ def plan_regions(grid: PatchGrid, slide: Slide, region_size: int = 2048) -> list
     return regions
 
 
-def read_region_patches(slide: Slide, grid: PatchGrid,
-                        region: Region) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``region`` once and cut its patches: (idx (n,), patches uint8 (n, P, P, 3))."""
+def read_region_patches(slide: Slide, grid: PatchGrid, region: Region,
+                        unreadable: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``region`` once and cut its patches: (idx (n,), patches uint8 (n, P, P, 3)).
+
+    A region that cannot be decoded (a damaged tile) raises
+    :class:`~histotile.errors.UnreadableRegionError`, unless ``unreadable`` is a list: then its
+    patches are read one by one, the ones that still fail are left out of the result and their
+    grid positions appended to ``unreadable`` (a bad tile costs only the patches it covers).
+    """
     ds = slide.level_downsamples[region.level]
-    pixels = slide.read_region((level_to_level0(region.x, ds), level_to_level0(region.y, ds)),
-                               region.level, (region.w, region.h))
+    try:
+        pixels = slide.read_region((level_to_level0(region.x, ds),
+                                    level_to_level0(region.y, ds)),
+                                   region.level, (region.w, region.h))
+    except UnreadableRegionError:
+        if unreadable is None:
+            raise
+        return _read_one_by_one(slide, grid, region.idx, unreadable)
     psl, size = grid.patch_size_level, grid.patch_size
     out = np.empty((len(region), size, size, 3), np.uint8)
     xy = grid.level_coords()[region.idx]
@@ -96,6 +108,25 @@ def read_region_patches(slide: Slide, grid: PatchGrid,
         dx, dy = int(lx) - region.x, int(ly) - region.y
         out[k] = resize_patch(pixels[dy:dy + psl, dx:dx + psl], size)
     return region.idx, out
+
+
+def _read_one_by_one(slide: Slide, grid: PatchGrid, idx: np.ndarray,
+                     unreadable: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The readable patches of ``idx`` read alone; the others' positions go to ``unreadable``."""
+    size = grid.patch_size
+    keep: list[int] = []
+    patches: list[np.ndarray] = []
+    for i in idx.tolist():
+        try:
+            patches.append(read_patch(slide, grid, int(i)))
+        except UnreadableRegionError as exc:
+            log.debug("%s: patch at level-0 %s is unreadable (%s)", slide.path,
+                        tuple(int(v) for v in grid.coords[i]), exc.message)
+            unreadable.append(int(i))
+            continue
+        keep.append(int(i))
+    out = np.stack(patches) if patches else np.empty((0, size, size, 3), np.uint8)
+    return np.asarray(keep, dtype=np.int64), out
 
 
 def read_patch(slide: Slide, grid: PatchGrid, i: int) -> np.ndarray:
@@ -106,16 +137,18 @@ def read_patch(slide: Slide, grid: PatchGrid, i: int) -> np.ndarray:
 
 
 def iter_patch_batches(slide: Slide, grid: PatchGrid, batch_size: int,
-                       region_size: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                       region_size: int = 2048, unreadable: list[int] | None = None,
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (idx, patches) batches of at most ``batch_size`` in region order.
 
-    Memory holds one region plus one batch, never the slide.
+    Memory holds one region plus one batch, never the slide. ``unreadable``: see
+    :func:`read_region_patches` (without it a damaged tile raises).
     """
     pending_idx: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     count = 0
     for region in plan_regions(grid, slide, region_size):
-        idx, patches = read_region_patches(slide, grid, region)
+        idx, patches = read_region_patches(slide, grid, region, unreadable)
         pending_idx.append(idx)
         pending.append(patches)
         count += len(idx)
@@ -128,26 +161,33 @@ def iter_patch_batches(slide: Slide, grid: PatchGrid, batch_size: int,
         yield np.concatenate(pending_idx), np.concatenate(pending)
 
 
-def sample_patches(slide: Slide, grid: PatchGrid, n: int = 64, seed: int = 0) -> np.ndarray:
+def sample_patches(slide: Slide, grid: PatchGrid, n: int = 64, seed: int = 0,
+                   unreadable: list[int] | None = None) -> np.ndarray:
     """A seeded sample of at most ``n`` grid patches, uint8 (k, P, P, 3) in grid order.
 
     The stain fit of a slide is made on it (``predict`` and ``tile --stain-norm``). Patches
     that lie close together are cut from one region read; scattered ones are read alone.
-    The pixels equal :func:`read_patch` either way.
+    The pixels equal :func:`read_patch` either way. Patches that cannot be decoded are left
+    out of the sample (so it may hold fewer than ``n``) and their grid positions appended to
+    ``unreadable`` when given: a damaged tile never stops the fit.
     """
     k = min(int(n), len(grid))
     size = grid.patch_size
-    out = np.empty((max(k, 0), size, size, 3), np.uint8)
     if k <= 0:
-        return out
+        return np.empty((0, size, size, 3), np.uint8)
     pick = np.sort(np.random.default_rng(seed).choice(len(grid), size=k, replace=False))
     sub = grid.subset(pick)
+    out = np.empty((k, size, size, 3), np.uint8)
+    good = np.zeros(k, bool)
+    failed: list[int] = []
     area = grid.patch_size_level ** 2
     for region in plan_regions(sub, slide):
         if region.w * region.h <= 4 * len(region) * area:  # mostly patch pixels: one read
-            idx, patches = read_region_patches(slide, sub, region)
-            out[idx] = patches
+            idx, patches = read_region_patches(slide, sub, region, failed)
         else:
-            for i in region.idx:
-                out[i] = read_patch(slide, sub, int(i))
-    return out
+            idx, patches = _read_one_by_one(slide, sub, region.idx, failed)
+        out[idx] = patches
+        good[idx] = True
+    if unreadable is not None:
+        unreadable.extend(int(pick[i]) for i in failed)
+    return out if good.all() else out[good]

@@ -27,6 +27,7 @@ from histotile.errors import (
     InputNotFoundError,
     InvalidArgumentError,
     MissingMppError,
+    UnreadableRegionError,
     UnsupportedFormatError,
 )
 from histotile.items import item_kind
@@ -39,6 +40,14 @@ _UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0,
                 "micrometer": 1.0, "3": 10000.0, "2": 25400.0}
 _EPS = 1e-6
 _MPP_HINT = "pass --slide-mpp <microns per pixel> (slide_mpp=...) to set it"
+#: Level-0 microns per pixel a slide scanner can produce: 0.02 (oil immersion, 100x and more)
+#: to 20 (a 1x scan). Metadata outside it is not a microscope pixel size: 72/96/300 dpi are
+#: screen and print defaults (352.8, 264.6, 84.7 um/px) that image libraries write.
+MPP_PLAUSIBLE = (0.02, 20.0)
+#: Olympus VSI: a small TIFF (an overview picture) beside ``_<stem>_/stack*/frame*.ets``.
+VSI_SUFFIX, ETS_SUFFIX = ".vsi", ".ets"
+#: Names of pictures embedded beside a slide (tifffile series names, description words).
+EMBEDDED_NAMES = ("label", "macro", "overview", "thumbnail", "preview", "barcode")
 
 
 def level_to_level0(value: float, downsample: float) -> int:
@@ -64,6 +73,83 @@ def _resolve_path(path: str | Path) -> Path:
             "pass slide files (a folder works only for a DICOM series)", subject=str(path),
         )
     return p
+
+
+def _vsi_pixel_folder(path: Path) -> Path:
+    return path.parent / f"_{path.stem}_"
+
+
+def refuse_olympus_vsi(path: Path) -> None:
+    """Refuse an Olympus VSI (or one of its ``.ets`` files) with where its pixels are.
+
+    A ``.vsi`` is a small TIFF holding an overview picture; opened as a TIFF it would pass the
+    overview off as the slide (with a screen resolution as its pixel size). A TIFF of another
+    name with a ``_<stem>_/stack*/frame*.ets`` folder beside it is a renamed VSI.
+    """
+    suffix = path.suffix.lower()
+    hint = ("histotile has no VSI reader yet: convert the slide to OME-TIFF (e.g. bfconvert "
+            "or QuPath) and pass that")
+    if suffix == ETS_SUFFIX:
+        raise UnsupportedFormatError(
+            "is an Olympus .ets pixel file, part of a VSI slide", hint, subject=str(path))
+    folder = _vsi_pixel_folder(path)
+    if suffix != VSI_SUFFIX and not any(folder.glob("stack*/frame*.ets")):
+        return
+    frames = sorted(folder.glob("stack*/frame*.ets"))
+    pattern = folder / "stack*" / "frame*.ets"
+    if frames:
+        where = (f"its pixels are in {pattern} ({len(frames)} file"
+                 f"{'s' if len(frames) > 1 else ''})")
+    else:
+        where = (f"its pixels should be in {pattern}, which is missing (copy that folder "
+                 "together with the .vsi)")
+    raise UnsupportedFormatError(
+        f"is an Olympus VSI: this file holds only an overview picture; {where}", hint,
+        subject=str(path))
+
+
+def embedded_picture(path: Path) -> str | None:
+    """The kind of picture (label, macro, overview...) a TIFF's first image is, when it is
+    one of the pictures scanners embed beside the slide rather than the slide itself."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            name = str(tf.series[0].name or "").strip().lower() if tf.series else ""
+            page = tf.pages.first
+            words = str(page.description or "").strip().lower().split()
+    except Exception:  # noqa: BLE001 - not tifffile-readable: nothing to say
+        return None
+    for candidate in (name, words[0] if words else ""):
+        candidate = candidate.strip(" :;,.|")
+        if candidate in EMBEDDED_NAMES:
+            return candidate
+    return None
+
+
+NDPI_FLUORESCENCE_TAG = 65434  # Hamamatsu: the fluorescence filter set, e.g. "DAPI 2 (387)"
+
+
+def _fluorescence_metadata(path: Path) -> str | None:
+    """What a TIFF-based slide's metadata says about fluorescence (None: nothing)."""
+    import re
+
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages.first
+            if tf.is_ndpi:
+                value = page.tags.valueof(NDPI_FLUORESCENCE_TAG)
+                return str(value).strip() or None if value else None
+            if tf.is_ome:
+                xml = tf.ome_metadata or ""
+                if re.search(r'(IlluminationType|ContrastMethod)="(Epi)?[Ff]luorescence"', xml):
+                    names = re.findall(r'<Channel[^>]*\bName="([^"]*)"', xml)
+                    return ", ".join(names) or "fluorescence"
+    except Exception:  # noqa: BLE001 - no readable metadata: nothing to say
+        return None
+    return None
 
 
 def _tiff_needs_tiffslide(path: Path) -> bool:
@@ -144,6 +230,16 @@ def _open_backend(path: Path, backend: str) -> Any:
         tiff_log.setLevel(level)
 
 
+def _implausible_mpp(mpp: float) -> str | None:
+    """Why ``mpp`` (um/px) from metadata is not a slide scanner's pixel size, or None."""
+    lo, hi = MPP_PLAUSIBLE
+    if lo <= mpp <= hi:
+        return None
+    dpi = 25400.0 / mpp
+    return (f"{mpp:.4g} um/px ({dpi:.4g} dpi) is outside what slide scanners produce "
+            f"({lo:g}-{hi:g} um/px): a screen or print default, not a pixel size")
+
+
 def _float(value: Any) -> float | None:
     try:
         f = float(value)
@@ -186,6 +282,9 @@ class Slide:
 
     # --- metadata -------------------------------------------------------------------------
     def _find_mpp(self, override: float | None) -> tuple[tuple[float, float] | None, str | None]:
+        """(mpp x, y) and its source; metadata that is no microscope pixel size is set aside
+        in ``mpp_rejected`` with the rule that rejected it (see :data:`MPP_PLAUSIBLE`)."""
+        self.mpp_rejected: dict[str, Any] | None = None
         if override is not None:
             if not (_float(override)):
                 raise InvalidArgumentError(f"--slide-mpp {override} is not a positive number",
@@ -193,26 +292,51 @@ class Slide:
             return (float(override), float(override)), "override"
         p = self.properties
         mx, my = _float(p.get(f"{self.backend}.mpp-x")), _float(p.get(f"{self.backend}.mpp-y"))
-        tags = self._mpp_from_tiff_tags()
-        if mx and self.vendor not in (None, "generic-tiff"):
-            return (mx, my or mx), "openslide"
+        generic = self.vendor in (None, "generic-tiff")
+        tags, why_not = self._mpp_from_tiff_tags()
+        candidates: list[tuple[tuple[float, float], str]] = []
+        if mx and not generic:
+            candidates.append(((mx, my or mx), "openslide"))
         if tags:
-            return tags, "tiff-tags"
-        if mx:
-            return (mx, my or mx), "openslide"
+            candidates.append((tags, "tiff-tags"))
+        elif why_not and generic:  # the reader's own value comes from the same tags
+            self.mpp_rejected = {"source": "tiff-tags", "value_um_per_px": mx,
+                                 "rule": why_not}
+        if mx and generic and why_not is None:
+            candidates.append(((mx, my or mx), "openslide"))
+        for value, source in candidates:
+            reason = _implausible_mpp(value[0])
+            if reason is None:
+                return value, source
+            if self.mpp_rejected is None:
+                self.mpp_rejected = {"source": source, "value_um_per_px": value[0],
+                                     "rule": reason}
         if self.objective_power:
             est = 10.0 / self.objective_power  # 20x ~ 0.5 um/px, 40x ~ 0.25 um/px
             return (est, est), "objective-estimate"
         return None, None
 
-    def _mpp_from_tiff_tags(self) -> tuple[float, float] | None:
+    def _mpp_from_tiff_tags(self) -> tuple[tuple[float, float] | None, str | None]:
+        """(mpp from the TIFF resolution tags, None) or (None, why they give no pixel size)."""
         p = self.properties
-        unit = str(p.get("tiff.ResolutionUnit", "")).lower()
-        um = _UM_PER_UNIT.get(unit)
         xr, yr = _float(p.get("tiff.XResolution")), _float(p.get("tiff.YResolution"))
-        if um is None or xr is None:
-            return None
-        return um / xr, um / (yr or xr)
+        if xr is None:
+            return None, None
+        unit = str(p.get("tiff.ResolutionUnit", "") or "").strip().lower()
+        um = _UM_PER_UNIT.get(unit)
+        if um is None:
+            return None, (f"TIFF resolution tags with no physical unit "
+                          f"(ResolutionUnit {unit or 'missing'}) give no pixel size")
+        return (um / xr, um / (yr or xr)), None
+
+    @property
+    def fluorescence_channel(self) -> str | None:
+        """The fluorescence channel or filter the file's metadata names, when it names one:
+        Hamamatsu NDPI's fluorescence tag (65434), an OME-XML channel with fluorescence
+        illumination or contrast."""
+        if not hasattr(self, "_fluorescence"):
+            self._fluorescence = _fluorescence_metadata(self.file)
+        return self._fluorescence
 
     @property
     def associated_images(self) -> list[str]:
@@ -232,8 +356,12 @@ class Slide:
     def require_mpp(self) -> float:
         """Level-0 microns per pixel (mean of x and y); :class:`MissingMppError` when unknown."""
         if self.mpp is None:
-            raise MissingMppError("the slide has no pixel size (mpp) in its metadata",
-                                  _MPP_HINT, subject=str(self.path))
+            message = "the slide has no pixel size (mpp) in its metadata"
+            if self.mpp_rejected:
+                message = (f"the slide has no usable pixel size: its "
+                           f"{self.mpp_rejected['source']} value was set aside "
+                           f"({self.mpp_rejected['rule']})")
+            raise MissingMppError(message, _MPP_HINT, subject=str(self.path))
         return (self.mpp[0] + self.mpp[1]) / 2.0
 
     def level_mpp(self, level: int) -> float:
@@ -270,7 +398,8 @@ class Slide:
             "level_count": self.level_count, "levels": levels,
             "mpp_x": self.mpp[0] if self.mpp else None,
             "mpp_y": self.mpp[1] if self.mpp else None,
-            "mpp_source": self.mpp_source, "objective_power": self.objective_power,
+            "mpp_source": self.mpp_source, "mpp_rejected": self.mpp_rejected,
+            "objective_power": self.objective_power,
             "associated_images": self.associated_images,
         }
 
@@ -293,10 +422,36 @@ class Slide:
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, InvalidArgumentError):
                 raise
-            raise CorruptSlideError(
+            self._recover_after_error()
+            ds = self.level_downsamples[level]
+            box = (int(location[0]), int(location[1]), level_to_level0(w, ds),
+                   level_to_level0(h, ds))
+            raise UnreadableRegionError(
                 f"reading level {level} at {tuple(location)} failed ({type(exc).__name__}: "
                 f"{exc})".replace("\n", " "),
-                "the file may be truncated or corrupt", subject=str(self.path)) from exc
+                "the file may be truncated or corrupt", subject=str(self.path),
+                level=level, box_level0=box) from exc
+
+    def _recover_after_error(self) -> None:
+        """An OpenSlide handle stays in its error state after a failed read: reopen it, so
+        the rest of the slide can still be read."""
+        if self.backend != "openslide" or self._pixels is not None:
+            return
+        try:
+            import openslide
+
+            old, self._h = self._h, openslide.OpenSlide(str(self.file))
+            old.close()
+        except Exception:  # noqa: BLE001 - the next read reports what is wrong
+            log.debug("%s: could not reopen after a failed read", self.path)
+
+    def tile_size(self, level: int) -> int:
+        """The file's tile width at ``level`` (1 when untiled or unknown)."""
+        value = self.properties.get(f"{self.backend}.level[{level}].tile-width")
+        try:
+            return max(1, int(value))
+        except (TypeError, ValueError):
+            return 1
 
     def _read_openslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
         img = self._h.read_region((int(loc[0]), int(loc[1])), level, size)
@@ -345,13 +500,18 @@ class Slide:
             img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
         return img
 
-    def read_downsampled(self, downsample: float,
-                         block: int = 2048) -> tuple[np.ndarray, float]:
+    def read_downsampled(self, downsample: float, block: int = 2048,
+                         unreadable: list[tuple[int, int, int, int]] | None = None,
+                         ) -> tuple[np.ndarray, float]:
         """The whole slide reduced by about ``downsample`` (level-0 px per output px).
 
         Reads the coarsest level not coarser than asked, block by block, and averages
         ``f x f`` areas (``f`` integer), so memory stays bounded by ``block``. Returns the
         image and its exact downsample. Edge pixels average in white beyond the slide.
+
+        ``unreadable``: a block that cannot be decoded is read again tile by tile; pieces that
+        still fail are white and their level-0 boxes (x, y, w, h) are appended to this list
+        (without it the first failure raises :class:`UnreadableRegionError`).
         """
         dss = self.level_downsamples
         ok = [lv for lv, d in enumerate(dss) if d <= downsample * (1 + 1e-3)]
@@ -366,10 +526,37 @@ class Slide:
             for x in range(0, lw, step):
                 bw, bh = min(step, lw - x), min(step, lh - y)
                 pw, ph = math.ceil(bw / f) * f, math.ceil(bh / f) * f
-                tile = self.read_region((level_to_level0(x, ds), level_to_level0(y, ds)), level,
-                                        (pw, ph))
+                tile = self._read_level_block(level, x, y, pw, ph, f, unreadable)
                 out[y // f:y // f + ph // f, x // f:x // f + pw // f] = _box_reduce(tile, f)
         return out, f * ds
+
+    def _read_level_block(self, level: int, x: int, y: int, w: int, h: int, f: int,
+                          unreadable: list[tuple[int, int, int, int]] | None) -> np.ndarray:
+        """Level pixels ``[x, x+w) x [y, y+h)``; on a decoding failure (with ``unreadable``)
+        piece by piece (tile-sized, multiples of ``f``), white where a piece fails."""
+        ds = self.level_downsamples[level]
+        try:
+            return self.read_region((level_to_level0(x, ds), level_to_level0(y, ds)), level,
+                                    (w, h))
+        except UnreadableRegionError as exc:
+            if unreadable is None:
+                raise
+            first = exc
+        piece = max(f, (max(self.tile_size(level), 64) // f) * f)
+        if piece >= max(w, h):  # already one piece: it is the unreadable one
+            unreadable.append(first.box_level0)
+            return np.full((h, w, 3), 255, np.uint8)
+        out = np.empty((h, w, 3), np.uint8)
+        for py in range(0, h, piece):
+            for px in range(0, w, piece):
+                sw, sh = min(piece, w - px), min(piece, h - py)
+                loc = (level_to_level0(x + px, ds), level_to_level0(y + py, ds))
+                try:
+                    out[py:py + sh, px:px + sw] = self.read_region(loc, level, (sw, sh))
+                except UnreadableRegionError as exc:
+                    unreadable.append(exc.box_level0)
+                    out[py:py + sh, px:px + sw] = 255
+        return out
 
     def read_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at about ``target_mpp`` (not coarser); returns (image, actual mpp)."""
@@ -524,6 +711,7 @@ def open_slide(path: str | Path, backend: str = "auto",
         raise InvalidArgumentError(f"unknown backend {backend!r}",
                                    f"use one of {', '.join(BACKENDS)}", subject=str(path))
     file = _resolve_path(path)
+    refuse_olympus_vsi(file)
     chosen = pick_backend(file) if backend == "auto" else backend
     handle = _open_backend(file, chosen)
     tiff_log = logging.getLogger("tifffile")
@@ -539,6 +727,13 @@ def open_slide(path: str | Path, backend: str = "auto",
         raise _not_a_slide(file, exc) from exc
     finally:
         tiff_log.setLevel(level)
+    picture = embedded_picture(file) if slide.vendor in (None, "generic-tiff") else None
+    if picture is not None:
+        slide.close()
+        raise UnsupportedFormatError(
+            f"its first image is a {picture} picture, not the slide's pixels",
+            "pass the slide file itself (its scanner's format, or an OME-TIFF of the full "
+            "resolution image)", subject=str(path))
     if slide.mpp_source == "objective-estimate":
         log.warning("%s: no mpp in the metadata; estimated %.3f um/px from the %gx objective",
                     path, slide.mpp[0], slide.objective_power)  # type: ignore[index]
