@@ -43,7 +43,8 @@ def test_region_dataset_matches_single_patch_reads(setup) -> None:  # noqa: ANN0
     slide, grid, regions, _ = setup
     assert len(regions) > 3
     ds = RegionDataset(slide.spec, grid, regions)
-    idx, patches, read_s, stain_s = ds[1]
+    idx, patches, read_s, stain_s, unreadable = ds[1]
+    assert len(unreadable) == 0
     assert patches.dtype == np.uint8 and patches.shape[1:] == (28, 28, 3)
     assert read_s > 0 and stain_s < read_s
     for k in (0, len(idx) - 1):

@@ -46,10 +46,11 @@ def test_auto_backend_and_metadata(cmu_small, ndpi, boxes, dicom_dir):
         info = s.info()
         assert info["width"], info["height"] == s.dimensions
         assert len(info["levels"]) == s.level_count
-    with open_slide(boxes) as s:  # generic TIFF: mpp from its resolution tags (synthetic value)
-        assert s.mpp_source == "tiff-tags"
+    with open_slide(boxes) as s:  # generic TIFF whose tags hold 72 dpi: no pixel size (item 3)
+        assert s.mpp is None and s.mpp_source is None
         unit_um = {"centimeter": 1e4, "inch": 25400.0}[s.properties["tiff.ResolutionUnit"]]
-        assert s.mpp[0] == pytest.approx(unit_um / float(s.properties["tiff.XResolution"]))
+        assert s.mpp_rejected["value_um_per_px"] == pytest.approx(
+            unit_um / float(s.properties["tiff.XResolution"]))
     with open_slide(ndpi) as s:
         assert s.backend == "openslide" and s.vendor == "hamamatsu"
     with open_slide(dicom_dir) as s:  # a DICOM folder opens through any one of its files
