@@ -193,7 +193,44 @@ def _fast_pixel_reader(path: Path, slide: Slide) -> Any:
     return open_tile_reader(path, slide.level_dimensions)
 
 
+def _dicom_image_type(path: Path, limit: int = 1 << 16) -> str | None:
+    """The ImageType (0008,0008) of a DICOM file (explicit VR little endian), "" when empty
+    or absent, None when ``path`` is no DICOM file."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit)
+    except OSError:
+        return None
+    if data[128:132] != b"DICM":
+        return None
+    at = data.find(b"\x08\x00\x08\x00CS")
+    if at < 0:
+        return ""
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    return data[at + 8:at + 8 + length].decode("ascii", "replace").strip(" \0")
+
+
+def _dicom_problem(path: Path, exc: Exception) -> CorruptSlideError | None:
+    """A precise error for a DICOM file OpenSlide refused, when the header says why."""
+    import re
+
+    named = re.search(r"Reading (.+?\.dcm):", str(exc))
+    culprit = Path(named.group(1)) if named else path
+    image_type = _dicom_image_type(culprit)
+    if image_type is None or image_type.replace("\\", ""):
+        return None
+    where = "" if culprit == path else f" ({culprit.name} of its series)"
+    return CorruptSlideError(
+        f"the DICOM file{where} has an empty ImageType (0008,0008), so a reader cannot tell "
+        "whether it holds the slide's pixels, a label or an overview",
+        "the converter that wrote it left out a required attribute: set ImageType (e.g. "
+        "ORIGINAL\\PRIMARY\\VOLUME\\NONE) or convert the slide again", subject=str(path))
+
+
 def _not_a_slide(path: Path, exc: Exception) -> Exception:
+    dicom = _dicom_problem(path, exc)
+    if dicom is not None:
+        return dicom
     if item_kind(path) == "slide":
         return CorruptSlideError(
             f"cannot be read as a slide ({type(exc).__name__}: {exc})".replace("\n", " "),

@@ -13,6 +13,9 @@ def format_info(info: dict) -> str:
     """Human-readable lines for :meth:`histotile.slide.Slide.info`."""
     mpp = (f"{info['mpp_x']:.4f} x {info['mpp_y']:.4f} um/px (source: {info['mpp_source']})"
            if info["mpp_x"] is not None else "unknown (pass --slide-mpp)")
+    if info.get("mpp_rejected"):
+        rej = info["mpp_rejected"]
+        mpp += f"; {rej['source']} value set aside: {rej['rule']}"
     lines = [
         f"slide:      {info['path']}",
         f"backend:    {info['backend']}",
