@@ -8,6 +8,7 @@ card's before anything is loaded.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tarfile
 import zipfile
@@ -19,6 +20,8 @@ from urllib.parse import urlsplit
 from histotile.errors import ChecksumError, ModelError
 from histotile.models.card import CARD_FILE, ModelCard, load_card
 from histotile.models.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -80,19 +83,40 @@ def resolve_model(spec: str | Path | None) -> Path:
 
 
 def _from_url(url: str) -> Path:
-    from histotile.download import cache_dir, download
+    """The model folder of an archive URL, cached by its pin.
+
+    With ``#sha256=<hex>`` the cache folder is named by that digest, so a different pin never
+    reuses another file's download, and the cached archive is checked against the pin on every
+    use (a changed or damaged copy is fetched again). Without a pin the cache is keyed by the
+    URL and a warning says that nothing verifies the file.
+    """
+    from histotile.download import cache_dir, download, verify
 
     parts = urlsplit(url)
     sha256 = None
     if parts.fragment.startswith("sha256="):
-        sha256 = parts.fragment[len("sha256="):].lower()
+        sha256 = parts.fragment[len("sha256="):].strip().lower()
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ModelError(f"the pin {parts.fragment!r} is not a sha256 (64 hex digits)",
+                             "append #sha256=<64 hex digits> of the archive", subject=url)
     bare = parts._replace(fragment="").geturl()
     name = Path(parts.path).name or "model.zip"
-    key = hashlib.sha256(bare.encode()).hexdigest()[:16]
-    root = cache_dir("models", key)
-    extracted = root / "model"
-    if not (extracted.is_dir() and _find_card_folder(extracted)):
-        archive = download(bare, root / name, sha256=sha256)
+    if sha256:
+        root = cache_dir("models", f"sha256-{sha256}")
+    else:
+        log.warning("%s: no #sha256=<hex> pin, so nothing verifies this model archive (append "
+                    "#sha256=<digest of the archive> to the URL to pin it)", bare)
+        root = cache_dir("models", "url-" + hashlib.sha256(bare.encode()).hexdigest()[:16])
+    archive, extracted = root / name, root / "model"
+    if sha256 and archive.exists():
+        try:
+            verify(archive, sha256)
+        except ChecksumError:
+            log.warning("%s: the cached copy differs from its pin; downloading it again", bare)
+            archive.unlink()
+            shutil.rmtree(extracted, ignore_errors=True)
+    if not (archive.exists() and extracted.is_dir() and _find_card_folder(extracted)):
+        archive = download(bare, archive, sha256=sha256)
         _extract(archive, extracted)
     folder = _find_card_folder(extracted)
     if folder is None:
