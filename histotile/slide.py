@@ -31,23 +31,21 @@ from histotile.errors import (
     UnsupportedFormatError,
 )
 from histotile.items import item_kind
+from histotile.mpp import find_mpp
+from histotile.vendor import (
+    dicom_jpeg_labelled_rgb,
+    dicom_problem,
+    embedded_picture,
+    fluorescence_metadata,
+    refuse_olympus_vsi,
+    ycbcr_to_rgb,
+)
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openslide", "tiffslide")
-MPP_SOURCES = ("override", "openslide", "tiff-tags", "objective-estimate")
-_UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "millimeter": 1000.0,
-                "micrometer": 1.0, "3": 10000.0, "2": 25400.0}
 _EPS = 1e-6
 _MPP_HINT = "pass --slide-mpp <microns per pixel> (slide_mpp=...) to set it"
-#: Level-0 microns per pixel a slide scanner can produce: 0.02 (oil immersion, 100x and more)
-#: to 20 (a 1x scan). Metadata outside it is not a microscope pixel size: 72/96/300 dpi are
-#: screen and print defaults (352.8, 264.6, 84.7 um/px) that image libraries write.
-MPP_PLAUSIBLE = (0.02, 20.0)
-#: Olympus VSI: a small TIFF (an overview picture) beside ``_<stem>_/stack*/frame*.ets``.
-VSI_SUFFIX, ETS_SUFFIX = ".vsi", ".ets"
-#: Names of pictures embedded beside a slide (tifffile series names, description words).
-EMBEDDED_NAMES = ("label", "macro", "overview", "thumbnail", "preview", "barcode")
 
 
 def level_to_level0(value: float, downsample: float) -> int:
@@ -73,83 +71,6 @@ def _resolve_path(path: str | Path) -> Path:
             "pass slide files (a folder works only for a DICOM series)", subject=str(path),
         )
     return p
-
-
-def _vsi_pixel_folder(path: Path) -> Path:
-    return path.parent / f"_{path.stem}_"
-
-
-def refuse_olympus_vsi(path: Path) -> None:
-    """Refuse an Olympus VSI (or one of its ``.ets`` files) with where its pixels are.
-
-    A ``.vsi`` is a small TIFF holding an overview picture; opened as a TIFF it would pass the
-    overview off as the slide (with a screen resolution as its pixel size). A TIFF of another
-    name with a ``_<stem>_/stack*/frame*.ets`` folder beside it is a renamed VSI.
-    """
-    suffix = path.suffix.lower()
-    hint = ("histotile has no VSI reader yet: convert the slide to OME-TIFF (e.g. bfconvert "
-            "or QuPath) and pass that")
-    if suffix == ETS_SUFFIX:
-        raise UnsupportedFormatError(
-            "is an Olympus .ets pixel file, part of a VSI slide", hint, subject=str(path))
-    folder = _vsi_pixel_folder(path)
-    if suffix != VSI_SUFFIX and not any(folder.glob("stack*/frame*.ets")):
-        return
-    frames = sorted(folder.glob("stack*/frame*.ets"))
-    pattern = folder / "stack*" / "frame*.ets"
-    if frames:
-        where = (f"its pixels are in {pattern} ({len(frames)} file"
-                 f"{'s' if len(frames) > 1 else ''})")
-    else:
-        where = (f"its pixels should be in {pattern}, which is missing (copy that folder "
-                 "together with the .vsi)")
-    raise UnsupportedFormatError(
-        f"is an Olympus VSI: this file holds only an overview picture; {where}", hint,
-        subject=str(path))
-
-
-def embedded_picture(path: Path) -> str | None:
-    """The kind of picture (label, macro, overview...) a TIFF's first image is, when it is
-    one of the pictures scanners embed beside the slide rather than the slide itself."""
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            name = str(tf.series[0].name or "").strip().lower() if tf.series else ""
-            page = tf.pages.first
-            words = str(page.description or "").strip().lower().split()
-    except Exception:  # noqa: BLE001 - not tifffile-readable: nothing to say
-        return None
-    for candidate in (name, words[0] if words else ""):
-        candidate = candidate.strip(" :;,.|")
-        if candidate in EMBEDDED_NAMES:
-            return candidate
-    return None
-
-
-NDPI_FLUORESCENCE_TAG = 65434  # Hamamatsu: the fluorescence filter set, e.g. "DAPI 2 (387)"
-
-
-def _fluorescence_metadata(path: Path) -> str | None:
-    """What a TIFF-based slide's metadata says about fluorescence (None: nothing)."""
-    import re
-
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            page = tf.pages.first
-            if tf.is_ndpi:
-                value = page.tags.valueof(NDPI_FLUORESCENCE_TAG)
-                return str(value).strip() or None if value else None
-            if tf.is_ome:
-                xml = tf.ome_metadata or ""
-                if re.search(r'(IlluminationType|ContrastMethod)="(Epi)?[Ff]luorescence"', xml):
-                    names = re.findall(r'<Channel[^>]*\bName="([^"]*)"', xml)
-                    return ", ".join(names) or "fluorescence"
-    except Exception:  # noqa: BLE001 - no readable metadata: nothing to say
-        return None
-    return None
 
 
 def _tiff_needs_tiffslide(path: Path) -> bool:
@@ -193,42 +114,8 @@ def _fast_pixel_reader(path: Path, slide: Slide) -> Any:
     return open_tile_reader(path, slide.level_dimensions)
 
 
-def _dicom_image_type(path: Path, limit: int = 1 << 16) -> str | None:
-    """The ImageType (0008,0008) of a DICOM file (explicit VR little endian), "" when empty
-    or absent, None when ``path`` is no DICOM file."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit)
-    except OSError:
-        return None
-    if data[128:132] != b"DICM":
-        return None
-    at = data.find(b"\x08\x00\x08\x00CS")
-    if at < 0:
-        return ""
-    length = int.from_bytes(data[at + 6:at + 8], "little")
-    return data[at + 8:at + 8 + length].decode("ascii", "replace").strip(" \0")
-
-
-def _dicom_problem(path: Path, exc: Exception) -> CorruptSlideError | None:
-    """A precise error for a DICOM file OpenSlide refused, when the header says why."""
-    import re
-
-    named = re.search(r"Reading (.+?\.dcm):", str(exc))
-    culprit = Path(named.group(1)) if named else path
-    image_type = _dicom_image_type(culprit)
-    if image_type is None or image_type.replace("\\", ""):
-        return None
-    where = "" if culprit == path else f" ({culprit.name} of its series)"
-    return CorruptSlideError(
-        f"the DICOM file{where} has an empty ImageType (0008,0008), so a reader cannot tell "
-        "whether it holds the slide's pixels, a label or an overview",
-        "the converter that wrote it left out a required attribute: set ImageType (e.g. "
-        "ORIGINAL\\PRIMARY\\VOLUME\\NONE) or convert the slide again", subject=str(path))
-
-
 def _not_a_slide(path: Path, exc: Exception) -> Exception:
-    dicom = _dicom_problem(path, exc)
+    dicom = dicom_problem(path, exc)
     if dicom is not None:
         return dicom
     if item_kind(path) == "slide":
@@ -267,16 +154,6 @@ def _open_backend(path: Path, backend: str) -> Any:
         tiff_log.setLevel(level)
 
 
-def _implausible_mpp(mpp: float) -> str | None:
-    """Why ``mpp`` (um/px) from metadata is not a slide scanner's pixel size, or None."""
-    lo, hi = MPP_PLAUSIBLE
-    if lo <= mpp <= hi:
-        return None
-    dpi = 25400.0 / mpp
-    return (f"{mpp:.4g} um/px ({dpi:.4g} dpi) is outside what slide scanners produce "
-            f"({lo:g}-{hi:g} um/px): a screen or print default, not a pixel size")
-
-
 def _float(value: Any) -> float | None:
     try:
         f = float(value)
@@ -307,7 +184,7 @@ class Slide:
         self.vendor = props.get(f"{backend}.vendor") or None
         self.objective_power = _float(props.get(f"{backend}.objective-power"))
         self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
-        self.ycbcr_fix = backend == "openslide" and _dicom_jpeg_labelled_rgb(path, props)
+        self.ycbcr_fix = backend == "openslide" and dicom_jpeg_labelled_rgb(path, props)
         self.requested_backend = requested_backend or backend
         # the fast path for the same pixels (module docstring); only when ``auto`` chose OpenSlide
         self._pixels: Any = (_fast_pixel_reader(path, self)
@@ -319,52 +196,15 @@ class Slide:
 
     # --- metadata -------------------------------------------------------------------------
     def _find_mpp(self, override: float | None) -> tuple[tuple[float, float] | None, str | None]:
-        """(mpp x, y) and its source; metadata that is no microscope pixel size is set aside
-        in ``mpp_rejected`` with the rule that rejected it (see :data:`MPP_PLAUSIBLE`)."""
-        self.mpp_rejected: dict[str, Any] | None = None
-        if override is not None:
-            if not (_float(override)):
-                raise InvalidArgumentError(f"--slide-mpp {override} is not a positive number",
-                                           "give microns per pixel, e.g. 0.25", str(self.path))
-            return (float(override), float(override)), "override"
-        p = self.properties
-        mx, my = _float(p.get(f"{self.backend}.mpp-x")), _float(p.get(f"{self.backend}.mpp-y"))
-        generic = self.vendor in (None, "generic-tiff")
-        tags, why_not = self._mpp_from_tiff_tags()
-        candidates: list[tuple[tuple[float, float], str]] = []
-        if mx and not generic:
-            candidates.append(((mx, my or mx), "openslide"))
-        if tags:
-            candidates.append((tags, "tiff-tags"))
-        elif why_not and generic:  # the reader's own value comes from the same tags
-            self.mpp_rejected = {"source": "tiff-tags", "value_um_per_px": mx,
-                                 "rule": why_not}
-        if mx and generic and why_not is None:
-            candidates.append(((mx, my or mx), "openslide"))
-        for value, source in candidates:
-            reason = _implausible_mpp(value[0])
-            if reason is None:
-                return value, source
-            if self.mpp_rejected is None:
-                self.mpp_rejected = {"source": source, "value_um_per_px": value[0],
-                                     "rule": reason}
-        if self.objective_power:
-            est = 10.0 / self.objective_power  # 20x ~ 0.5 um/px, 40x ~ 0.25 um/px
-            return (est, est), "objective-estimate"
-        return None, None
-
-    def _mpp_from_tiff_tags(self) -> tuple[tuple[float, float] | None, str | None]:
-        """(mpp from the TIFF resolution tags, None) or (None, why they give no pixel size)."""
-        p = self.properties
-        xr, yr = _float(p.get("tiff.XResolution")), _float(p.get("tiff.YResolution"))
-        if xr is None:
-            return None, None
-        unit = str(p.get("tiff.ResolutionUnit", "") or "").strip().lower()
-        um = _UM_PER_UNIT.get(unit)
-        if um is None:
-            return None, (f"TIFF resolution tags with no physical unit "
-                          f"(ResolutionUnit {unit or 'missing'}) give no pixel size")
-        return (um / xr, um / (yr or xr)), None
+        """(mpp x, y) and its source (:func:`histotile.mpp.find_mpp`); metadata that is no
+        microscope pixel size is set aside in ``mpp_rejected`` with the rule that did it."""
+        if override is not None and not _float(override):
+            raise InvalidArgumentError(f"--slide-mpp {override} is not a positive number",
+                                       "give microns per pixel, e.g. 0.25", str(self.path))
+        found = find_mpp(self.properties, self.backend, self.vendor, self.objective_power,
+                         override)
+        self.mpp_rejected: dict[str, Any] | None = found.rejected
+        return found.mpp, found.source
 
     @property
     def fluorescence_channel(self) -> str | None:
@@ -372,7 +212,7 @@ class Slide:
         Hamamatsu NDPI's fluorescence tag (65434), an OME-XML channel with fluorescence
         illumination or contrast."""
         if not hasattr(self, "_fluorescence"):
-            self._fluorescence = _fluorescence_metadata(self.file)
+            self._fluorescence = fluorescence_metadata(self.file)
         return self._fluorescence
 
     @property
@@ -493,7 +333,7 @@ class Slide:
     def _read_openslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
         img = self._h.read_region((int(loc[0]), int(loc[1])), level, size)
         if self.ycbcr_fix:
-            img = _ycbcr_to_rgb(img)
+            img = ycbcr_to_rgb(img)
         if img.getextrema()[3][0] == 255:  # opaque everywhere: drop alpha in C
             return np.asarray(img.convert("RGB"))
         return _composite_white(np.asarray(img))
@@ -620,94 +460,6 @@ class Slide:
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, dims={self.dimensions}, "
                 f"mpp={self.mpp}, mpp_source={self.mpp_source!r})")
-
-
-# --- DICOM whose JPEG frames are YCbCr but labelled RGB -----------------------------------
-# Some converters (wsi2dcm, bfconvert) store ordinary YCbCr JPEG frames (JFIF, chroma
-# subsampled) with PhotometricInterpretation RGB. OpenSlide 4.0 follows the DICOM label and
-# returns the stored YCbCr samples as if they were RGB. The JPEG stream itself says what it
-# holds (libjpeg's rule: a JFIF marker or component ids 1, 2, 3 mean YCbCr; an Adobe marker's
-# transform flag decides; ids 'R', 'G', 'B' mean RGB), so a contradiction is detectable.
-_JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}  # JPEG baseline/extended
-_OPENSLIDE_FOLLOWS_LABEL = ("4.0.",)  # library versions checked to return the stored YCbCr
-
-
-def _dicom_jpeg_labelled_rgb(path: Path, props: dict[str, Any]) -> bool:
-    """True when ``path`` is a DICOM whose JPEG frames are YCbCr but labelled RGB, read by an
-    OpenSlide version that follows the label."""
-    if props.get("openslide.vendor") != "dicom":
-        return False
-    if props.get("dicom.PhotometricInterpretation") != "RGB":
-        return False
-    if props.get("dicom.TransferSyntaxUID") not in _JPEG_SYNTAXES:
-        return False
-    import openslide
-
-    version = str(getattr(openslide, "__library_version__", ""))
-    if not version.startswith(_OPENSLIDE_FOLLOWS_LABEL):
-        log.debug("OpenSlide %s: DICOM colour-space handling not verified", version)
-        return False
-    header = _first_dicom_jpeg_header(path)
-    return header is not None and jpeg_header_is_ycbcr(header) is True
-
-
-def _first_dicom_jpeg_header(path: Path, limit: int = 1 << 24) -> bytes | None:
-    """The bytes of the first encapsulated frame (from its SOI) of a DICOM file, or None."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit)
-    except OSError:
-        return None
-    at = data.rfind(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")  # PixelData, encapsulated
-    if at < 0:
-        return None
-    pos, items = at + 12, 0
-    while pos + 8 <= len(data) and items < 2:  # item 0: offset table; item 1: frame 1
-        if data[pos:pos + 4] != b"\xfe\xff\x00\xe0":
-            return None
-        length = int.from_bytes(data[pos + 4:pos + 8], "little")
-        if items == 1:
-            return data[pos + 8:pos + 8 + length]
-        pos += 8 + length
-        items += 1
-    return None
-
-
-def jpeg_header_is_ycbcr(stream: bytes) -> bool | None:
-    """Whether a 3-component JPEG stream holds YCbCr, by libjpeg's rule (None: not decidable)."""
-    if stream[:2] != b"\xff\xd8":
-        return None
-    pos, jfif, adobe, ids = 2, False, None, None
-    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
-        marker = stream[pos + 1]
-        if marker == 0xDA:  # start of scan: the header is over
-            break
-        length = int.from_bytes(stream[pos + 2:pos + 4], "big")
-        seg = stream[pos + 4:pos + 2 + length]
-        if marker == 0xE0 and seg[:5] == b"JFIF\x00":
-            jfif = True
-        elif marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
-            adobe = seg[11]
-        elif marker in (0xC0, 0xC1, 0xC2) and len(seg) >= 6:
-            ids = tuple(seg[6 + 3 * c] for c in range(seg[5]) if 6 + 3 * c < len(seg))
-        pos += 2 + length
-    if ids is None or len(ids) != 3:
-        return None
-    if jfif:
-        return True
-    if adobe is not None:
-        return adobe != 0
-    return ids != (82, 71, 66)  # 'R', 'G', 'B'
-
-
-def _ycbcr_to_rgb(img: Any) -> Any:
-    """An RGBA PIL image whose colour bands hold YCbCr, converted to RGBA (JFIF equations)."""
-    from PIL import Image
-
-    *bands, alpha = img.split()
-    rgb = Image.merge("YCbCr", bands).convert("RGB")
-    rgb.putalpha(alpha)
-    return rgb
 
 
 def _box_reduce(tile: np.ndarray, f: int) -> np.ndarray:

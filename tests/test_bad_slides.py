@@ -17,7 +17,8 @@ import tifffile
 from conftest import real_data
 
 from histotile.errors import CorruptSlideError, MissingMppError, UnsupportedFormatError
-from histotile.slide import MPP_PLAUSIBLE, open_slide
+from histotile.mpp import MPP_PLAUSIBLE
+from histotile.slide import open_slide
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -97,6 +98,17 @@ def test_issue17_tiff_whose_first_image_is_a_label_or_macro_is_refused(tmp_path,
         tw.write(np.full((1024, 1024, 3), 200, np.uint8), photometric="rgb", tile=(256, 256),
                  resolution=(1e4 / 0.5,) * 2, resolutionunit="CENTIMETER")
     with pytest.raises(UnsupportedFormatError, match=f"{kind} picture"):
+        open_slide(path)
+
+
+def test_issue17_ome_tiff_whose_first_series_is_a_macro_is_refused(tmp_path):
+    path = tmp_path / "generated-macro-first.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:  # as converters write vendor slides
+        tw.write(np.full((100, 300, 3), 120, np.uint8), photometric="rgb",
+                 metadata={"Name": "macro image"})
+        tw.write(np.full((1024, 1024, 3), 200, np.uint8), photometric="rgb", tile=(256, 256),
+                 metadata={"Name": "slide"})
+    with pytest.raises(UnsupportedFormatError, match="macro picture"):
         open_slide(path)
 
 

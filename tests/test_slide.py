@@ -196,7 +196,7 @@ def test_dicom_matches_svs_geometry_and_pixels(cmu_small, dicom_dir):
 def test_jpeg_colour_space_rule():
     import io
 
-    from histotile.slide import jpeg_header_is_ycbcr
+    from histotile.vendor import jpeg_header_is_ycbcr
 
     rgb = (np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)  # generated
     def encoded(**kw):
