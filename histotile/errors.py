@@ -92,3 +92,36 @@ class DownloadError(HistotileError):
 
 class DatasetError(HistotileError):
     """Training or evaluation data missing, truncated or in the wrong layout."""
+
+
+class OutputError(HistotileError):
+    """An output that cannot be written: a read-only place, a path under a file, a full disk."""
+
+
+def os_error(exc: OSError, subject: str | None = None) -> HistotileError:
+    """One typed error line, with what to do, for an ``OSError`` met while writing outputs."""
+    import errno
+
+    path = exc.filename if exc.filename is not None else subject
+    where = f" ({path})" if path is not None else ""
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return OutputError(
+            f"the disk is full: no space left while writing{where}",
+            "free some space or choose another output folder, then run the same command "
+            "again: finished slides are kept and skipped", subject=subject)
+    if code == errno.ENOTDIR:
+        return OutputError(
+            f"cannot write{where}: a part of that path is a file, not a folder",
+            "choose an output folder whose parents are all folders", subject=subject)
+    if code in (errno.EACCES, errno.EPERM):
+        return OutputError(f"no permission to write{where}",
+                           "choose an output folder you can write to", subject=subject)
+    if code == errno.EROFS:
+        return OutputError(f"cannot write{where}: the file system is read-only",
+                           "choose an output folder on a writable disk", subject=subject)
+    if code == errno.EEXIST:
+        return OutputError(f"cannot create{where}: a file of that name is in the way",
+                           "remove it or choose another output folder", subject=subject)
+    return OutputError(f"cannot write{where}: {exc.strerror or exc}",
+                       "check the output folder and its disk", subject=subject)

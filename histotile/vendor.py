@@ -214,3 +214,57 @@ def ycbcr_to_rgb(img: Any) -> Any:
     rgb = Image.merge("YCbCr", bands).convert("RGB")
     rgb.putalpha(alpha)
     return rgb
+
+
+# --- patches passed as slides ----------------------------------------------------------------
+PATCH_MAX_SIDE = 1024  # a single image no larger than this a side is a patch, not a slide
+_PATCH_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+_PATCH_MAX_BYTES = 8 << 20  # larger files are not looked into (slides are large)
+
+
+def patch_image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) when ``path`` is a single-level image no larger than
+    :data:`PATCH_MAX_SIDE` px a side (a patch, e.g. a PCam tile); None otherwise."""
+    p = Path(path)
+    if p.suffix.lower() not in _PATCH_SUFFIXES:
+        return None
+    try:
+        if not p.is_file() or p.stat().st_size > _PATCH_MAX_BYTES:
+            return None
+        if p.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(p) as tf:
+                if len(tf.pages) != 1:
+                    return None
+                page = tf.pages.first
+                size = (int(page.imagewidth), int(page.imagelength))
+        else:
+            from PIL import Image
+
+            with Image.open(p) as img:
+                size = img.size
+    except Exception:  # noqa: BLE001 - unreadable here: the slide reader will say why
+        return None
+    return size if max(size) <= PATCH_MAX_SIDE else None
+
+
+def refuse_patches_as_slides(paths: list[Path]) -> None:
+    """One error for all inputs that are patches (small single images), not slides.
+
+    Run one by one, each would fail on its own ("no pixel size") with a hint that cannot help;
+    what helps is to run them as a patch dataset.
+    """
+    found = [(p, s) for p in paths if (s := patch_image_size(p)) is not None]
+    if not found:
+        return
+    sizes = sorted({s for _, s in found})
+    shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    what = "is a small single image" if len(found) == 1 else (
+        f"{len(found)} of {len(paths)} inputs are small single images")
+    raise UnsupportedFormatError(
+        f"{what} ({shown} px): patches, not slides",
+        "to predict, pack them into a PCam-layout HDF5 (dataset x, uint8 (N, P, P, 3)) or a "
+        "MedMNIST .npz and pass that file; with labels, 'histotile evaluate MODEL FOLDER' reads "
+        "a folder of them (Kaggle layout, or one sub-folder per class)",
+        subject=str(found[0][0]) if len(found) == 1 else str(found[0][0].parent))
