@@ -4,13 +4,15 @@ Layout of ``heatmap.ome.zarr`` (the root group is an NGFF multiscale image)::
 
     .zattrs          multiscales (axes c,y,x; scale/translation in micrometers), omero, histotile
     0, 1, ...        pyramid levels, uint8, value = round(p * 255); 0 where no patch was predicted
-    labels/coverage  NGFF label image (1, y, x): 1 = predicted, 0 = not; same pyramid
+    labels/coverage  NGFF label image (1, y, x): 1 = predicted, 2 = unreadable (its pixels
+                     could not be decoded), 0 = not predicted; same pyramid
 
 One level-0 pixel ``(col, row)`` is the patch ``(col, row)`` of the grid: its level-0 top-left is
 ``origin_level0 + (col, row) * stride_level0`` and it covers ``stride_level0`` level-0 pixels. The
 coordinate transformations use the pixel-corner convention (translation = origin x mpp at every
 level). Pyramid level k+1 is the mean over the *predicted* pixels of each 2x2 block of level k
-(unpredicted pixels do not dilute it); its coverage is 1 where any of the four was predicted.
+(unpredicted pixels do not dilute it); its coverage is 1 where any of the four was predicted,
+else 2 where any was unreadable.
 
 Memory is bounded by the open chunks: a chunk is written as soon as every patch the grid expects in
 it has arrived (batches come in tile-aligned region order), the rest is flushed on close, and the
@@ -32,6 +34,7 @@ from histotile import __version__
 from histotile.errors import InvalidArgumentError
 
 VALUE_SCALE = 255
+COVERAGE_PREDICTED, COVERAGE_UNREADABLE = 1, 2  # labels/coverage values (0: not predicted)
 MIN_PYRAMID_SIDE = 256
 _EPS = 1e-6  # float tolerance on level-0 positions
 _ENCODING = {"name": "v2", "separator": "/"}
@@ -124,9 +127,11 @@ class MultiscaleWriter:
         y0, x0 = cy * self.chunk, cx * self.chunk
         return y0, min(y0 + self.chunk, self.height), x0, min(x0 + self.chunk, self.width)
 
-    def write(self, indices: np.ndarray, values: np.ndarray) -> None:
+    def write(self, indices: np.ndarray, values: np.ndarray,
+              cover_value: int = COVERAGE_PREDICTED) -> None:
         """Write blocks: ``indices`` (n, 2) (col, row); ``values`` (n, C) or (n, C, block, block)
-        probabilities in [0, 1] (float) or already-scaled uint8."""
+        probabilities in [0, 1] (float) or already-scaled uint8; ``cover_value`` is what the
+        coverage label gets there."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1, 2)
         if len(idx) and (idx.min() < 0 or idx[:, 0].max() * self.block >= self.width
                          or idx[:, 1].max() * self.block >= self.height):
@@ -153,11 +158,11 @@ class MultiscaleWriter:
             entry[2] += np.unique((ys * (x1 - x0) + xs)[fresh]).size * b * b
             if b == 1:
                 values[:, ys, xs] = vals[sel, :, 0, 0].T
-                cover[ys, xs] = 1
+                cover[ys, xs] = cover_value
             else:
                 for k, yy, xx in zip(sel.tolist(), ys.tolist(), xs.tolist(), strict=True):
                     values[:, yy:yy + b, xx:xx + b] = vals[k]
-                    cover[yy:yy + b, xx:xx + b] = 1
+                    cover[yy:yy + b, xx:xx + b] = cover_value
             if entry[2] >= self._expected[cid]:
                 self._flush(cid)
         self.peak_open_chunks = max(self.peak_open_chunks, len(self._open))
@@ -238,7 +243,10 @@ class MultiscaleWriter:
                 "multiscales": self._multiscales("coverage"),
                 "image-label": {"version": "0.4", "source": {"image": "../../"},
                                 "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]},
-                                           {"label-value": 1, "rgba": [255, 255, 255, 128]}]},
+                                           {"label-value": 1, "rgba": [255, 255, 255, 128]},
+                                           {"label-value": 2, "rgba": [255, 0, 0, 160]}],
+                                "properties": [{"label-value": 1, "name": "predicted"},
+                                               {"label-value": 2, "name": "unreadable"}]},
             })
 
 
@@ -264,21 +272,27 @@ def _downsample_level(group: Any, cov_group: Any, level: int, shape: tuple[int, 
 
 def coarsen_mean(values: np.ndarray, cover: np.ndarray,
                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """2x2 mean of ``values`` (C, h, w) over pixels where ``cover`` (h, w) is set.
+    """2x2 mean of ``values`` (C, h, w) over the predicted pixels (``cover`` (h, w) 1).
 
-    Returns (uint8 (C, *shape), coverage uint8 (*shape)); odd edges are padded as uncovered.
+    Returns (uint8 (C, *shape), coverage uint8 (*shape): 1 where any pixel was predicted, else
+    2 where any was unreadable, else 0); odd edges are padded as uncovered.
     """
     c = values.shape[0]
     h2, w2 = shape[0] * 2, shape[1] * 2
     v = np.zeros((c, h2, w2), np.float64)
     m = np.zeros((h2, w2), np.float64)
     v[:, :values.shape[1], :values.shape[2]] = values
-    m[:cover.shape[0], :cover.shape[1]] = cover > 0
+    m[:cover.shape[0], :cover.shape[1]] = cover == COVERAGE_PREDICTED
+    bad = np.zeros((h2, w2), bool)
+    bad[:cover.shape[0], :cover.shape[1]] = cover == COVERAGE_UNREADABLE
     weights = m.reshape(shape[0], 2, shape[1], 2).sum(axis=(1, 3))
+    unreadable = bad.reshape(shape[0], 2, shape[1], 2).any(axis=(1, 3))
     sums = (v * m).reshape(c, shape[0], 2, shape[1], 2).sum(axis=(2, 4))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(weights > 0, sums / np.maximum(weights, 1), 0)
-    return np.rint(mean).astype(np.uint8), (weights > 0).astype(np.uint8)
+    coverage = np.where(weights > 0, COVERAGE_PREDICTED,
+                        np.where(unreadable, COVERAGE_UNREADABLE, 0)).astype(np.uint8)
+    return np.rint(mean).astype(np.uint8), coverage
 
 
 class HeatmapWriter:
@@ -342,6 +356,17 @@ class HeatmapWriter:
     def write(self, indices: np.ndarray, values: np.ndarray) -> None:
         """Write a batch: grid ``indices`` (n, 2) (col, row), ``values`` (n, C) probabilities."""
         self.image.write(indices, values)
+
+    def mark_unreadable(self, indices: np.ndarray) -> None:
+        """Grid ``indices`` (n, 2) whose pixels could not be decoded: value 0, coverage
+        ``COVERAGE_UNREADABLE`` in every image of the store."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1, 2)
+        if not len(idx):
+            return
+        for writer in (self.image, *self._extra):
+            b = writer.block
+            zeros = np.zeros((len(idx), writer.channels, b, b), np.uint8)
+            writer.write(idx, zeros, cover_value=COVERAGE_UNREADABLE)
 
     def add_image(self, name: str, *, block: int, stride_level0: float | tuple[float, float],
                   channel_names: Sequence[str], channel_colors: Sequence[Sequence[int]],
@@ -432,8 +457,9 @@ def read_heatmap(path: str | Path, level: int = 0) -> tuple[np.ndarray, dict[str
 
 
 def read_coverage(path: str | Path, level: int = 0) -> np.ndarray:
-    """Boolean (rows, cols): True where a patch was predicted."""
-    return np.asarray(open_heatmap(path)["labels/coverage"][str(level)][0]) > 0
+    """Boolean (rows, cols): True where a patch was predicted (not where it was unreadable)."""
+    cover = np.asarray(open_heatmap(path)["labels/coverage"][str(level)][0])
+    return cover == COVERAGE_PREDICTED
 
 
 def heatmap_pixel_to_level0(col: Any, row: Any, attrs: dict[str, Any]) -> tuple[Any, Any]:

@@ -1,6 +1,8 @@
 """``predictions.csv``: one row per patch, ``minx,miny,width,height`` (level-0 px),
 ``prob_<class>``..., ``label`` (the argmax class name): WSInfer's columns plus the argmax; optional
-extra measurement columns (e.g. ``gradcam_mean``) follow ``label``. Streamed and atomic."""
+extra measurement columns (e.g. ``gradcam_mean``) follow ``label``; with ``status_column`` a
+last ``status`` column says ``ok`` or ``unreadable`` (a patch whose pixels could not be decoded:
+empty probabilities and label). Streamed and atomic."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from histotile.errors import InputNotFoundError, InvalidArgumentError
 from histotile.export._atomic import AtomicTextWriter
 
 GEOMETRY_COLUMNS = ["minx", "miny", "width", "height"]
+STATUS_OK, STATUS_UNREADABLE = "ok", "unreadable"
 
 
 def prob_columns(class_names: Sequence[str]) -> list[str]:
@@ -26,14 +29,16 @@ class PredictionsCSVWriter(AtomicTextWriter):
 
     def __init__(self, path: str | Path, class_names: Sequence[str],
                  patch_size_level0: int | tuple[int, int] | None = None,
-                 extra_columns: Sequence[str] = ()) -> None:
+                 extra_columns: Sequence[str] = (), status_column: bool = False) -> None:
         super().__init__(path)
         self.class_names = list(class_names)
         self.size = patch_size_level0
         self.extra_columns = list(extra_columns)
+        self.status_column = status_column
+        self._ok = f",{STATUS_OK}" if status_column else ""
         self._fh = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()
         header = GEOMETRY_COLUMNS + prob_columns(self.class_names) + ["label"] \
-            + self.extra_columns
+            + self.extra_columns + (["status"] if status_column else [])
         self._fh.write(",".join(header) + "\n")
         self.rows = 0
 
@@ -59,8 +64,21 @@ class PredictionsCSVWriter(AtomicTextWriter):
                                              more, strict=True):
             lines.append(f"{_num(x)},{_num(y)},{_num(w)},{_num(h)},"
                          + ",".join(f"{v:.7g}" for v in p) + f",{lab}"
-                         + "".join(f",{v:.7g}" for v in e) + "\n")
+                         + "".join(f",{v:.7g}" for v in e) + self._ok + "\n")
         self._fh.write("".join(lines))
+        self.rows += len(coords)
+
+    def write_unreadable(self, coords: np.ndarray) -> None:
+        """Rows for patches whose pixels could not be decoded: geometry, empty probabilities,
+        label and extras, status ``unreadable`` (needs ``status_column``)."""
+        coords = np.asarray(coords).reshape(-1, 2)
+        if not self.status_column:
+            raise InvalidArgumentError("unreadable rows need the status column",
+                                       "create the writer with status_column=True")
+        w, h = (self.size, self.size) if np.ndim(self.size) == 0 else self.size  # type: ignore
+        empty = "," * (len(self.class_names) + 1 + len(self.extra_columns))
+        self._fh.write("".join(f"{_num(x)},{_num(y)},{_num(w)},{_num(h)}{empty},"
+                               f"{STATUS_UNREADABLE}\n" for x, y in coords.tolist()))
         self.rows += len(coords)
 
 
@@ -110,10 +128,11 @@ def iter_predictions_csv(path: str | Path, chunk_rows: int = 20000) -> Iterator[
 
 
 def _block(names: list[str], rows: list[list[str]]) -> Predictions:
-    geo = np.asarray([r[:4] for r in rows], dtype=np.float64)
+    end = 4 + len(names)  # the label column
+    rows = [r for r in rows if r[end]]  # unreadable patches have no label (nor probabilities)
+    geo = np.asarray([r[:4] for r in rows], dtype=np.float64).reshape(-1, 4)
     if np.all(geo == np.rint(geo)):
         geo = geo.astype(np.int64)
-    end = 4 + len(names)  # the label column
     probs = np.asarray([r[4:end] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
     return Predictions(names, geo[:, :2], geo[:, 2:], probs, np.asarray([r[end] for r in rows]))
 
