@@ -245,7 +245,8 @@ class MultiscaleWriter:
                                 "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]},
                                            {"label-value": 1, "rgba": [255, 255, 255, 128]},
                                            {"label-value": 2, "rgba": [255, 0, 0, 160]}],
-                                "properties": [{"label-value": 1, "name": "predicted"},
+                                "properties": [{"label-value": 0, "name": "not predicted"},
+                                               {"label-value": 1, "name": "predicted"},
                                                {"label-value": 2, "name": "unreadable"}]},
             })
 
