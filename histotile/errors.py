@@ -115,8 +115,9 @@ def os_error(exc: OSError, subject: str | None = None) -> HistotileError:
             f"cannot write{where}: a part of that path is a file, not a folder",
             "choose an output folder whose parents are all folders", subject=subject)
     if code in (errno.EACCES, errno.EPERM):
-        return OutputError(f"no permission to write{where}",
-                           "choose an output folder you can write to", subject=subject)
+        return OutputError(f"permission denied{where}",
+                           "choose an output folder you can write to (or fix the file's "
+                           "permissions)", subject=subject)
     if code == errno.EROFS:
         return OutputError(f"cannot write{where}: the file system is read-only",
                            "choose an output folder on a writable disk", subject=subject)

@@ -194,8 +194,11 @@ class PredictOptions:
     ``macenko`` normalises to the card's reference (the standard one when the card has none);
     ``none`` never normalises. ``workers=None``: the engine's default. ``split``: the split of
     MedMNIST ``.npz`` archives. ``gradcam``/``cam_*``, ``attention``: maps stitched per slide;
-    ``geojson_plain``, ``qupath_*``, ``ome_tiff``: export choices. ``command``: the command line
-    recorded in run.json (``None``: the Python call).
+    ``geojson_plain``, ``qupath_*``, ``ome_tiff``: export choices. ``allow_darkfield``: run a
+    fluorescence / dark-field slide through the (brightfield) model instead of refusing it.
+    ``max_unreadable``: the share of a slide's patches that may be undecodable (a damaged tile)
+    before the slide fails; the rest is predicted and the unreadable ones recorded.
+    ``command``: the command line recorded in run.json (``None``: the Python call).
     """
 
     model: str | None = None
@@ -219,6 +222,8 @@ class PredictOptions:
     qupath_min_prob: float | None = None
     qupath_merge: bool = False
     ome_tiff: bool = False
+    allow_darkfield: bool = False
+    max_unreadable: float = 0.05
     progress: bool = True
     command: str | None = None
     batch: BatchOptions = field(default_factory=BatchOptions)
@@ -239,6 +244,7 @@ class PredictOptions:
         _positive_finite("cam_resolution", self.cam_resolution, "16")
         _choice("qupath_object_type", self.qupath_object_type, QupathObjectType)
         _in_range("qupath_min_prob", self.qupath_min_prob, 0.0, 1.0, False, "0.5")
+        _in_range("max_unreadable", self.max_unreadable, 0.0, 1.0, False, "0.05")
         if self.attention and self.gradcam:
             raise InvalidArgumentError("--attention and --gradcam cannot be used together",
                                        "pick one map per run", subject="--attention")

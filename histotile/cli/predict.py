@@ -76,6 +76,12 @@ P = PredictOptions
               help="Also write classes.geojson.gz: one dissolved annotation per class.")
 @field_option(P, "ome_tiff", help="Also write heatmap.ome.tif (pyramidal OME-TIFF, argmax "
                                   "colours).")
+@field_option(P, "allow_darkfield",
+              help="Run fluorescence / dark-field slides through the model anyway (they are "
+                   "refused by default: the models are for brightfield H&E).")
+@field_option(P, "max_unreadable", metavar="FRACTION",
+              help="Fail a slide when more than this share of its patches cannot be decoded "
+                   "(damaged tiles); below it they are recorded as unreadable.")
 @batch_options
 @click.pass_context
 def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from histotile.archives import is_archive
 from histotile.batch import BatchSummary, expand_inputs, resolve_shard
-from histotile.errors import InvalidArgumentError, ModelError
+from histotile.errors import InvalidArgumentError, ModelError, os_error
 from histotile.explain import _cam_target
 from histotile.hpc import run_items
 from histotile.inference.archives import predict_archive
@@ -30,6 +30,7 @@ from histotile.inference.slides import predict_slide
 from histotile.models.card import ModelCard
 from histotile.models.loading import resolve_device
 from histotile.options import PredictOptions
+from histotile.vendor import refuse_patches_as_slides
 
 
 def make_predict_process(options: PredictOptions) -> Any:
@@ -52,10 +53,13 @@ def make_predict_process(options: PredictOptions) -> Any:
                 explain=options.gradcam or options.attention)
             configured.append(True)
         setup = time.perf_counter() - t0
-        if is_archive(item):
-            info = predict_archive(Path(item), Path(tmp_dir), ctx)
-        else:
-            info = predict_slide(Path(item), Path(tmp_dir), ctx)
+        try:
+            if is_archive(item):
+                info = predict_archive(Path(item), Path(tmp_dir), ctx)
+            else:
+                info = predict_slide(Path(item), Path(tmp_dir), ctx)
+        except OSError as exc:  # a full disk, a vanished output folder: one line with a hint
+            raise os_error(exc, subject=str(item)) from exc
         info["timings"]["setup"] = round(setup, 3)  # torch import (first item), threads
         return info
 
@@ -78,6 +82,20 @@ def check_against_card(options: PredictOptions, card: ModelCard) -> None:
             raise ModelError("Grad-CAM needs an eager PyTorch model, not TorchScript",
                              "use a model folder with safetensors weights, or drop --gradcam",
                              subject=card.name)
+
+
+def check_output_dir(out_dir: str | Path) -> None:
+    """Create ``out_dir`` and write a probe file in it, so an output that cannot be written (a
+    path under a file, a read-only place, a full disk) is one line up front."""
+    import tempfile
+
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".histotile-probe-"):
+            pass
+    except OSError as exc:
+        raise os_error(exc, subject=str(path)) from exc
 
 
 def resolve_options(options: PredictOptions | None, overrides: dict[str, Any]) -> PredictOptions:
@@ -120,6 +138,8 @@ def predict(inputs: str | Path | Sequence[str | Path], out_dir: str | Path = "hi
     if options.device not in ("auto", "cpu"):  # an unavailable device: one error, up front
         resolve_device(options.device)
     items = expand_inputs(inputs)
+    refuse_patches_as_slides([Path(i) for i in items])
+    check_output_dir(out_dir)
     fingerprint = derive_fingerprint(options, model.card)
     batch = options.batch.run_items_kwargs()
     if isinstance(batch["shard"], str) or batch["shard"] is None:

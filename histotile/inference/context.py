@@ -51,9 +51,11 @@ class PredictContext:
         return {"options": self.options.to_dict(),
                 "preprocessing": self.preprocessing.describe()}
 
-    def slide_stain_step(self, sample: np.ndarray, subject: str) -> tuple[Any, dict[str, Any]]:
+    def slide_stain_step(self, sample: np.ndarray | None, subject: str
+                         ) -> tuple[Any, dict[str, Any]]:
         """The stain step of one slide (or None) and its run.json info: the normaliser fitted
-        once on ``sample``, a uint8 (k,P,P,3) seeded sample of the slide's tissue patches."""
+        once on ``sample``, a uint8 (k,P,P,3) seeded sample of the slide's tissue patches
+        (``None`` when the plan normalises nothing: no patch is read for it)."""
         from histotile.engine import StainStep
 
         plan = self.preprocessing.stain

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from histotile.attention import cls_attention
-from histotile.errors import CorruptSlideError, HistotileError, NoTissueError
+from histotile.errors import (
+    CorruptSlideError,
+    HistotileError,
+    InvalidArgumentError,
+    NoTissueError,
+    TooMuchUnreadableError,
+)
 from histotile.explain import (
     CamStitcher,
     GradCAM,
@@ -41,19 +48,60 @@ from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
 from histotile.patches import plan_regions, sample_patches
 from histotile.slide import open_slide
 from histotile.stitch import HeatmapWriter
-from histotile.tissue import detect_tissue
+from histotile.tissue import detect_tissue, require_brightfield
 
+log = logging.getLogger(__name__)
 CAM_PIXELS_PER_PATCH = 8  # default --cam-resolution = patch_size_level0 / this
+DARKFIELD_HINT = ("the model is for brightfield slides; pass --allow-darkfield to run it "
+                  "anyway")
 
 
 def _slide_stain_sample(slide: Any, grid: Any) -> np.ndarray:
-    return sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
+    """The seeded sample the slide's stain fit is made on; patches that cannot be decoded are
+    left out (the engine records them when it meets them again)."""
+    return sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED, unreadable=[])
+
+
+def _grid(slide: Any, tissue: Any, ctx: PredictContext, item: Path) -> Any:
+    """The model's patch grid on ``slide``; a grid that cannot be laid gets a hint in predict's
+    own options (the grid's own hints name ``tile``'s ``--mpp``/``--level``/``--patch-size``)."""
+    card = ctx.model.card
+    try:
+        return make_grid(slide, card.patch_size, target_mpp=card.mpp,
+                         overlap=ctx.options.overlap, tissue=tissue,
+                         min_tissue=ctx.options.min_tissue)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(
+            exc.message, f"model {card.name!r} reads {card.patch_size} px patches at "
+            f"{card.mpp:g} um/px; check the slide's pixel size (--slide-mpp) or use a model "
+            "made for this resolution", subject=str(item)) from exc
+
+
+def unreadable_info(grid: Any, rows: list[int], tissue: Any, max_fraction: float,
+                    subject: str) -> dict[str, Any]:
+    """run.json's ``unreadable`` record; :class:`TooMuchUnreadableError` above ``max_fraction``."""
+    n = len(rows)
+    fraction = n / len(grid) if len(grid) else 0.0
+    if fraction > max_fraction:
+        raise TooMuchUnreadableError(
+            f"{n} of {len(grid)} patches ({fraction:.1%}) cannot be decoded (damaged tiles), "
+            f"more than --max-unreadable {max_fraction:g}",
+            "re-copy the slide if it was damaged in transfer, or raise --max-unreadable to "
+            "keep what can be read", subject=subject)
+    size = grid.patch_size_level0
+    boxes = [[int(x), int(y), size, size] for x, y in grid.coords[rows].tolist()]
+    if n:
+        log.warning("%s: %d of %d patches (%.1f%%) could not be decoded (damaged tiles): "
+                    "recorded as unreadable in predictions.csv, the heatmap coverage and "
+                    "run.json", subject, n, len(grid), 100 * fraction)
+    return {"patches": n, "fraction": fraction, "max_fraction": max_fraction,
+            "boxes_level0": boxes,
+            "thumbnail_boxes_level0": [list(b) for b in (tissue.unreadable or [])]}
 
 
 def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, Any]:
     """Predict one slide into ``tmp_dir`` (every output but run.json); returns run info."""
     timer = StageTimer()
-    card = ctx.model.card
     with timer("open"):
         try:
             slide = open_slide(item, backend=ctx.options.backend, slide_mpp=ctx.options.slide_mpp)
@@ -67,9 +115,9 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
         slide.require_mpp()
         with timer("tissue"):
             tissue = detect_tissue(slide)
-            grid = make_grid(slide, card.patch_size, target_mpp=card.mpp,
-                             overlap=ctx.options.overlap, tissue=tissue,
-                             min_tissue=ctx.options.min_tissue)
+            if not ctx.options.allow_darkfield:
+                require_brightfield(tissue, str(item), DARKFIELD_HINT)
+            grid = _grid(slide, tissue, ctx, item)
         if len(grid) == 0:
             raise NoTissueError(
                 f"no patch has at least {ctx.options.min_tissue:.0%} tissue",
@@ -77,8 +125,9 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
                 subject=str(item))
         regions = plan_regions(grid, slide, ctx.options.region_size)
         with timer("stain"):
-            stain, stain_info = ctx.slide_stain_step(_slide_stain_sample(slide, grid),
-                                                     str(item))
+            sample = (None if ctx.preprocessing.stain.method == "none"
+                      else _slide_stain_sample(slide, grid))  # --stain-norm none: no reads
+            stain, stain_info = ctx.slide_stain_step(sample, str(item))
         stats, extra_info = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, ctx,
                                        timer)
         slide_info = slide.info()
@@ -95,13 +144,16 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
         "grid": grid.to_attrs(),
         "tissue": {"method": tissue.method, "threshold": float(tissue.threshold),
                    "fraction": round(tissue.fraction, 4), "downsample": tissue.downsample,
-                   "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape)},
+                   "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape),
+                   "illumination": tissue.illumination.to_dict()},
         "stain": stain_info,
         "settings": {"batch_size": ctx.options.batch_size, "workers": ctx.effective_workers(),
                      "min_tissue": ctx.options.min_tissue, "overlap": ctx.options.overlap,
                      "backend": slide_info.get("backend"),
                      "pixel_reader": slide_info.get("pixel_reader"),
-                     "compute": ctx.compute_info()},
+                     "compute": ctx.compute_info(),
+                     "allow_darkfield": ctx.options.allow_darkfield,
+                     "max_unreadable": ctx.options.max_unreadable},
         **ctx.settings_info(),
         "slide_info": slide_info,
         "engine": stats.to_dict(),
@@ -127,7 +179,7 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                          colors, attrs)
     extra_cols = ["gradcam_mean"] if ctx.options.gradcam else []
     table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0,
-                                 extra_columns=extra_cols)
+                                 extra_columns=extra_cols, status_column=True)
     geo = GeoJSONTileWriter(tmp_dir / (TILES_PLAIN if ctx.options.geojson_plain else TILES_GZ),
                             names, colors, object_type=ctx.options.qupath_object_type,
                             min_prob=ctx.options.qupath_min_prob,
@@ -137,7 +189,7 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
     stitcher, explain = (_gradcam_parts(heat, grid, ctx) if ctx.options.gradcam else
                          _attention_parts(heat, grid, ctx) if ctx.options.attention else
                          (None, None))
-    labels = np.zeros(len(grid), np.int32)  # argmax per patch, for the overlay
+    labels = np.full(len(grid), -1, np.int32)  # argmax per patch, for the overlay
     bar = progress_bar(len(grid), ctx.options.progress, seed)
     try:
         for idx, coords, probs, *maps in run_inference(
@@ -155,15 +207,20 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
             with timer("export"):
                 table.write(coords, probs, extra=extra)
                 geo.write(coords, probs, grid.patch_size_level0, extra=extra)
+        bad = sorted(set(stats.unreadable))
+        info = {"unreadable": unreadable_info(grid, bad, tissue, ctx.options.max_unreadable,
+                                              str(slide.path))}
         with timer("stitch"):
+            heat.mark_unreadable(grid.indices[bad])
             if stitcher is not None:
                 stitcher.close()  # before the writer builds the pyramids
             heat.close()
         with timer("export"):
+            table.write_unreadable(grid.coords[bad])
             table.close()
             geo.close()
             _pictures(tmp_dir, tissue, grid, labels, ctx)
-            info = _extra_outputs(tmp_dir, tissue, ctx, seed, stitcher, geo)
+            info.update(_extra_outputs(tmp_dir, tissue, ctx, seed, stitcher, geo))
     except BaseException:
         for w in writers:
             with contextlib.suppress(Exception):
@@ -271,7 +328,8 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
 def _pictures(tmp_dir: Path, tissue: Any, grid: Any, labels: np.ndarray,
               ctx: PredictContext) -> None:
     card = ctx.model.card
+    done = labels >= 0  # unreadable patches stay blank
     write_mask_png(tmp_dir / "tissue.png", tissue.mask)
-    write_overlay(tmp_dir / "overlay.png", tissue.thumbnail, tissue.downsample, grid.coords,
-                  grid.patch_size_level0, labels, card.class_names, card.class_colors,
-                  tissue_mask=tissue.mask)
+    write_overlay(tmp_dir / "overlay.png", tissue.thumbnail, tissue.downsample,
+                  grid.coords[done], grid.patch_size_level0, labels[done], card.class_names,
+                  card.class_colors, tissue_mask=tissue.mask)
