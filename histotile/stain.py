@@ -401,6 +401,9 @@ class MacenkoNormalizer:
         """
         import torch
 
+        if len(images) == 0:  # e.g. every sampled patch was unreadable (a damaged slide)
+            raise NoTissueError("no patches to fit the stains on",
+                                "the sample held no readable patch")
         batch = _as_batch(images, self.channels_last, self.value_range, self.Io)
         od = batch.od  # (B, 3, N)
         pooled = od.transpose(0, 1).reshape(1, 3, -1)

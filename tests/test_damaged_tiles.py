@@ -132,3 +132,13 @@ def test_issue17_engine_records_unreadable_rows_and_predicts_the_rest(tmp_path, 
         assert len(stats.unreadable) == 16 and len(done) == len(grid) - 16
         assert not set(done.tolist()) & set(stats.unreadable)
         assert stats.to_dict()["unreadable_patches"] == 16
+
+
+def test_issue17_stain_fit_on_an_all_unreadable_sample_is_a_clean_no_tissue_error():
+    """Every sampled patch unreadable: the fit says so (predict then runs without the stain
+    step and records why) instead of a torch reshape error."""
+    from histotile.errors import NoTissueError
+    from histotile.stain import make_normalizer
+
+    with pytest.raises(NoTissueError, match="no patches"):
+        make_normalizer("macenko", channels_last=True).fit(np.empty((0, 32, 32, 3), np.uint8))
