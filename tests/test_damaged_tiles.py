@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import real_data
 from damaged_tiff import MODES, damage_tile, tile_index, write_pyramid
+from helpers import HE_REFERENCE
 from PIL import Image
 from test_predict import make_untrained_model
 
@@ -32,8 +33,9 @@ BAD = (512, 512)  # level-0 pixel inside the damaged level-0 tile (tile 256 px)
 
 @pytest.fixture(scope="module")
 def he() -> np.ndarray:
-    rgb = np.asarray(Image.open(real_data("images/he-target-tiatoolbox.png")).convert("RGB"))
-    return np.ascontiguousarray(rgb[:1000, :1000])
+    """1000 x 1000 px of real, dense H&E (TIAToolbox's target crop, tiled 3 x 3)."""
+    rgb = np.asarray(Image.open(real_data(HE_REFERENCE)).convert("RGB"))
+    return np.ascontiguousarray(np.tile(rgb, (3, 3, 1))[:1000, :1000])
 
 
 def damaged(tmp_path, he, mode, page=0, at=BAD):

@@ -1,7 +1,7 @@
 """Fluorescence / dark-field slides are recognised before tissue detection (issue 17, item 2).
 
-Real data: the fluorescence DAPI NDPI (dark-field), the CMU H&E slide, the H&E/IHC images and
-the tissue tiles (brightfield, never refused). Generated: dark-field pictures in several
+Real data: the fluorescence DAPI NDPI (dark-field), the CMU H&E slide, the H&E images and the
+tiles cut from the CMU slide (brightfield, never refused). Generated: dark-field pictures in several
 channel colours and an H&E picture framed by black padding.
 """
 
@@ -10,17 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import real_data
+from helpers import HE_REFERENCE, HE_SOURCE, HE_TARGET, TILES
 from PIL import Image
 
 from histotile.errors import NotBrightfieldError
 from histotile.slide import open_slide
 from histotile.tissue import classify_illumination, detect_tissue, require_brightfield
 
-IMAGES = ["he-source-torchstain.png", "he-target-torchstain.png", "he-target-tiatoolbox.png",
-          "he-stardist.jpg", "ihc-skimage.png"]
-TILES = ["almost-white-1.png", "almost-white-2.png", "no-tissue.png", "no-tissue2.png",
-         "tissue-level0-4302-10273-4814-10785.png", "tissue-level0-7352-11762-7864-12274.png",
-         "tissue-level2-1784-6289-5880-10386.png", "tissue-level2-3000-7666-7096-11763.png"]
+IMAGES = [HE_SOURCE, HE_TARGET, HE_REFERENCE]
 
 
 def _rgb(rel: str) -> np.ndarray:
@@ -48,21 +45,21 @@ def test_issue17_generated_darkfield_is_recognised(colour):
 
 
 def test_generated_he_with_black_padding_is_brightfield():
-    he = _rgb("images/he-target-tiatoolbox.png")[:600, :600]
+    he = _rgb(HE_REFERENCE)[:384, :384]
     padded = np.zeros((800, 800, 3), np.uint8)  # a scanner's black fill around the scan
     padded[100:700, 100:700] = 240  # glass
-    padded[200:600, 200:600] = he[:400, :400]
+    padded[208:592, 208:592] = he
     assert classify_illumination(padded).kind == "brightfield"
 
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_real_stained_images_are_brightfield(name):
-    assert classify_illumination(_rgb(f"images/{name}")).kind == "brightfield"
+    assert classify_illumination(_rgb(name)).kind == "brightfield"
 
 
 @pytest.mark.parametrize("name", TILES)
 def test_real_tiles_are_brightfield(name):
-    assert classify_illumination(_rgb(f"tiles/{name}")).kind == "brightfield"
+    assert classify_illumination(_rgb(name)).kind == "brightfield"
 
 
 def test_issue17_fluorescence_ndpi_is_darkfield_by_pixels_and_metadata():

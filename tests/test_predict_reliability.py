@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import real_data
 from damaged_tiff import damage_tile, tile_index, write_pyramid
+from helpers import HE_REFERENCE
 from PIL import Image
 from test_predict import make_untrained_model
 
@@ -38,8 +39,8 @@ def model_cmu(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    he = np.asarray(Image.open(real_data("images/he-target-tiatoolbox.png")).convert("RGB"))
-    return np.ascontiguousarray(np.tile(he[:1000, :1000], (2, 2, 1)))  # 2000 x 2000 px
+    he = np.asarray(Image.open(real_data(HE_REFERENCE)).convert("RGB"))
+    return np.ascontiguousarray(np.tile(he, (6, 6, 1))[:2000, :2000])  # 2000 x 2000 px
 
 
 def damaged_slide(folder: Path, mosaic: np.ndarray, mode: str = "header") -> Path:
@@ -65,6 +66,7 @@ def error_lines(err: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- item 4
+@pytest.mark.slow  # a 2000 x 2000 px mosaic through predict (~30-60 s on 2 cores)
 @pytest.mark.parametrize("backend", ["auto", "openslide", "tiffslide"])
 def test_issue17_corrupt_tile_costs_only_its_patches_in_predict(tmp_path, mosaic, model32,
                                                                 capsys, caplog, backend):
@@ -96,6 +98,7 @@ def test_issue17_corrupt_tile_costs_only_its_patches_in_predict(tmp_path, mosaic
     assert (cover == COVERAGE_UNREADABLE).sum() == 64 and (cover == 1).sum() == len(good)
 
 
+@pytest.mark.slow  # a 2000 x 2000 px mosaic through predict (~30-60 s on 2 cores)
 def test_issue17_too_much_unreadable_fails_the_slide(tmp_path, mosaic, model32, capsys):
     slide = damaged_slide(tmp_path, mosaic, "garbage")
     out = tmp_path / "out"
@@ -107,6 +110,7 @@ def test_issue17_too_much_unreadable_fails_the_slide(tmp_path, mosaic, model32, 
     assert not (out / slide.stem / "run.json").exists()
 
 
+@pytest.mark.slow  # a 2000 x 2000 px mosaic through predict (~30-60 s on 2 cores)
 def test_issue17_stain_sample_survives_a_bad_tile(tmp_path, mosaic, model32, capsys):
     """Macenko on (the card asks for it): the sample skips the unreadable patches."""
     slide = damaged_slide(tmp_path, mosaic, "truncated")
