@@ -51,11 +51,8 @@ def test_registered_and_listed() -> None:
     assert default_cam_layer("efficientnet-b0") == "features.8"
 
 
-@pytest.mark.parametrize("arch", [  # vit and resnet50-attention: ~15 s quiet, ~50 s busy
-    pytest.param("vit", marks=pytest.mark.slow),
-    pytest.param("resnet50-attention", marks=pytest.mark.slow),
-    "efficientnet-b0",
-])
+@pytest.mark.slow  # a training each: ~4-15 s quiet, ~12-50 s on a busy 2-core machine
+@pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_trains_on_pathmnist_and_predicts_on_slide(arch: str, small_npz: Path, tmp_path: Path,
                                                    cmu_small: Path) -> None:
     import torch
@@ -172,6 +169,7 @@ def test_attention_needs_a_vit() -> None:
         cls_attention(build_model("smallcnn", 3, 28), _real_batch())
 
 
+@pytest.mark.slow  # ~2 s quiet, ~11 s busy
 def test_attention_grid_picture(tmp_path: Path) -> None:
     from histotile.attention import all_maps, write_attention_grid
 

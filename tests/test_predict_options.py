@@ -8,8 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import real_data
-from test_predict import PATHMNIST, make_untrained_model, run_cli
+from helpers import PATHMNIST, make_untrained_model, real_data, run_cli
 
 from histotile.errors import InvalidArgumentError
 from histotile.inference.fingerprint import NEUTRAL, RESOLVED, derive_fingerprint

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data
-from test_predict import PATHMNIST, make_untrained_model
+from helpers import PATHMNIST, make_untrained_model, real_data
 
 from histotile.models.card import ClassInfo, ModelCard
 from histotile.models.preprocess import Preprocessing, StainPlan
@@ -21,8 +20,7 @@ from histotile.options import EvaluateOptions
 def _bundled() -> str:
     from histotile.models import zoo
 
-    if zoo.DEFAULT_MODEL not in zoo.list_models():
-        pytest.skip(f"bundled model {zoo.DEFAULT_MODEL} not installed")
+    assert zoo.DEFAULT_MODEL in zoo.list_models(), "the bundled model is missing"
     return zoo.DEFAULT_MODEL
 
 
