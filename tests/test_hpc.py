@@ -205,3 +205,21 @@ def test_tile_on_the_local_dask_executor(tmp_path: Path) -> None:
             assert f["x"].shape == (3, 96, 96, 3)
     again = histotile.tile(folder, out, limit=3, progress=False)
     assert [r.status for r in again.results] == ["skipped", "skipped"]
+
+
+def test_executor_local_without_hpc_extra_is_one_line(tmp_path: Path, monkeypatch,
+                                                      capsys) -> None:
+    """``--executor local`` without ``distributed`` installed: one error line naming the extra,
+    no ImportError traceback (it was a traceback from the dask pool and the CLI's quiet_dask)."""
+    from histotile.cli import main
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    folder = slide_folder(tmp_path / "in", ["a.svs"])
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "tile", str(folder), "-o", str(tmp_path / "out"), "--executor", "local",
+              "--limit", "2"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "histotile[hpc]" in lines[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.h5"))

@@ -99,7 +99,10 @@ def quiet_dask(executor: str) -> None:
     first, then lower every ``distributed``/``dask`` logger to WARNING."""
     if executor == "serial":
         return
-    import distributed  # noqa: F401 - configures its loggers at import time
+    try:
+        import distributed  # noqa: F401 - configures its loggers at import time
+    except ImportError:  # not installed: the run itself says so in one line
+        return
 
     for name in list(logging.root.manager.loggerDict):
         if name.split(".")[0] in ("distributed", "dask", "dask_jobqueue"):

@@ -34,6 +34,17 @@ from histotile.errors import InvalidArgumentError
 _PROCESS_CACHE: dict[str, ProcessFn] = {}
 
 
+def require_distributed(executor: str) -> None:
+    """One clear line, not an ImportError traceback, when a dask executor is asked for without
+    the ``[hpc]`` extra installed."""
+    try:
+        import distributed  # noqa: F401 - only whether it imports
+    except ImportError:
+        raise InvalidArgumentError(f"--executor {executor} needs dask's distributed, which is not "
+                                   "installed", hint="pip install 'histotile[hpc]'",
+                                   subject="--executor") from None
+
+
 def _cached_process(process_factory: Callable[[], ProcessFn]) -> ProcessFn:
     """Build the process once per worker process (e.g. load the model once), then reuse it."""
     key = hashlib.sha1(pickle.dumps(process_factory)).hexdigest()
@@ -104,6 +115,7 @@ def run_with_dask(items: Sequence[str | os.PathLike[str]], out_dir: str | os.Pat
     ``on_error``: ``"report"`` or a callable ``(item, result)`` called on the client per failure
     (``"raise"`` is not available across workers: failures are always recorded).
     """
+    require_distributed(executor)
     from distributed import Client, as_completed
 
     _, report = error_policy("report" if on_error == "raise" else on_error)
