@@ -395,6 +395,33 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tmp_path: Path)
     assert {r["status"] for r in rows} <= {"done", "skipped"} and len(rows) == len(names)
 
 
+@pytest.mark.slow  # three runs of real subprocesses
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_sigterm_stop_then_resume_matches_uninterrupted(tmp_path: Path, sig) -> None:
+    """Ctrl-C or a scheduler's SIGTERM in the middle of a run: the process stops, leaves no
+    finished-looking partial output, and the same command afterwards gives the outputs of an
+    uninterrupted run."""
+    names = [f"s{i}.svs" for i in range(4)]
+    folder = make_slide_folder(tmp_path / "in", names)
+    ref_out = tmp_path / "ref"
+    assert _worker(tmp_path, folder, ref_out, tmp_path / "ref-counter.txt", 0.05
+                   ).wait(timeout=120) == 0
+    out, counter = tmp_path / "out", tmp_path / "counter.txt"
+    proc = _worker(tmp_path, folder, out, counter, 0.3)
+    deadline = time.monotonic() + 60
+    while len(_starts(counter)) < 2 and proc.poll() is None:  # inside the second item
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0  # stopped, not finished
+    assert len(_finished(out)) < len(names)
+    assert _worker(tmp_path, folder, out, counter, 0.05).wait(timeout=120) == 0
+    assert _finished(out) == {n.removesuffix(".svs") for n in names}
+    assert _snapshot(out) == _snapshot(ref_out)
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert leftovers == [] and list((out / ".locks").iterdir()) == []
+
+
 def test_two_concurrent_runs_never_process_the_same_item(tmp_path: Path) -> None:
     names = [f"c{i}.svs" for i in range(8)]
     folder = make_slide_folder(tmp_path / "in", names)

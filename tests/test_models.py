@@ -302,3 +302,33 @@ def test_issue16_card_parts_are_typed_and_round_trip() -> None:
     # dicts given later are converted too (train assigns metrics as a dict)
     card.metrics = {"validation": {"accuracy": 0.5}, "best_epoch": 3, "custom": 1}
     assert card.metrics.best_epoch == 3 and card.metrics.to_dict()["custom"] == 1
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_model_archive_with_parent_members_is_refused_before_unpacking(tmp_path: Path,
+                                                                       kind: str) -> None:
+    """A downloaded model archive whose members climb out of the folder (``../``) is refused and
+    writes nothing outside it (zip: every member checked first; tar: the ``data`` filter)."""
+    import io
+    import tarfile
+
+    from histotile.models.loading import _extract
+
+    archive = tmp_path / f"evil.{'zip' if kind == 'zip' else 'tar.gz'}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("model/model.json", "{}")
+            zf.writestr("../escaped.txt", "x")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for name in ("model/model.json", "../escaped.txt"):
+                info = tarfile.TarInfo(name)
+                info.size = 1
+                tf.addfile(info, io.BytesIO(b"x"))
+    dest = tmp_path / "cache" / "extracted"
+    dest.parent.mkdir()
+    with pytest.raises(ModelError):
+        _extract(archive, dest)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "cache" / "escaped.txt"
+                                                            ).exists()
+    assert not dest.exists()
