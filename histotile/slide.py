@@ -136,7 +136,8 @@ def _not_a_slide(path: Path, exc: Exception) -> Exception:
         )
     return UnsupportedFormatError(
         "not a slide format histotile can read",
-        "supported: SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, (OME-)TIFF, QPTIFF",
+        "supported: SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, (OME-)TIFF, QPTIFF; VSI and "
+        "CZI with the [formats] extra",
         subject=str(path),
     )
 
