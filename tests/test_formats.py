@@ -16,15 +16,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_predict import make_untrained_model, read_csv, run_cli
+from helpers import make_untrained_model, read_csv, real_data, run_cli
 
 from histotile import slide_formats
 from histotile.errors import UnsupportedFormatError
 from histotile.items import item_kind
 from histotile.slide import open_slide
 
-DATA = Path(__file__).resolve().parent / "data" / "slides"
-VSI = DATA / "vsi-ets-test-jpg2k.vsi"
+VSI = real_data("slides/vsi-ets-test-jpg2k.vsi")  # its pixels: _vsi-ets-test-jpg2k_/stack1/
 CROP = (600, 800, 1024, 1024)  # x, y, w, h of the CMU crop the CZI holds (level-0 pixels)
 CZI_MPP = 0.499
 
