@@ -16,8 +16,11 @@ OpenSlide and tiffslide: ``properties``, ``dimensions``, ``level_count``, ``leve
   it as stored, so the channels are reversed here; more than 8 bits are scaled by the
   channel's significant bits (one scale for the whole slide, never per region); a grey or
   multi-channel (fluorescence) scene shows its first channel as grey.
-- A z-stack is read at its middle focal plane (``slideio.z-slice``); a VSI whose
-  ``_<stem>_/stack*/frame*.ets`` pixel files are missing is refused with where they should be.
+- A z-stack is read at its middle focal plane (``slideio.z-slice``).
+- A VSI is read from its ``_<stem>_/stack*/frame*.ets`` pixel files only: when slideio finds no
+  image there (folder missing, files damaged) it offers the .vsi's own overview picture as a
+  scene; histotile drops any scene the size of a picture stored in the .vsi and refuses the
+  file with where its pixels should be.
 - A CZI compressed with a codec slideio does not decode (zstd, written by newer ZEN versions)
   is refused when opened, not at the first read.
 
@@ -64,12 +67,31 @@ def require_slideio(path: str | Path) -> None:
                                  "reader, which is not installed", EXTRA_HINT, subject=str(path))
 
 
-def _no_scene(path: Path) -> str:
-    if path.suffix.lower() == ".vsi":
-        where = path.parent / f"_{path.stem}_" / "stack*" / "frame*.ets"
-        return (f"is an Olympus VSI whose pixel files are missing: they should be in {where} "
-                "(the .vsi itself holds only an overview picture)")
-    return "holds no image scene slideio can read"
+def _vsi_refusal(path: Path) -> UnsupportedFormatError:
+    """A VSI whose pixels slideio did not find in ``_<stem>_/stack*/frame*.ets``."""
+    pattern = path.parent / f"_{path.stem}_" / "stack*" / "frame*.ets"
+    frames = sorted(path.parent.glob(f"_{path.stem}_/stack*/frame*.ets"))
+    if not frames:
+        return UnsupportedFormatError(
+            f"is an Olympus VSI: this file holds only an overview picture; its pixels should be "
+            f"in {pattern}, which is missing", "copy that folder together with the .vsi",
+            subject=str(path))
+    return UnsupportedFormatError(
+        f"is an Olympus VSI whose pixel files ({pattern}, {len(frames)} found) hold no image "
+        "slideio can read; only the .vsi's own overview picture was found",
+        "the .ets files may be incomplete or damaged: copy the .vsi and its folder again",
+        subject=str(path))
+
+
+def _embedded_sizes(path: Path) -> set[tuple[int, int]]:
+    """(width, height) of the pictures stored in a .vsi's own TIFF (overview, label)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            return {(int(p.imagewidth), int(p.imagelength)) for p in tf.pages}
+    except Exception:  # noqa: BLE001 - not a TIFF: nothing embedded to mistake for the slide
+        return set()
 
 
 def _unit_scale(dtype: np.dtype, bits: int) -> float | None:
@@ -93,9 +115,14 @@ class SlideioHandle:
         driver = SLIDEIO_DRIVERS.get(path.suffix.lower(), "AUTO")
         self._slide = slideio.open_slide(str(path), driver)
         scenes = [self._slide.get_scene(i) for i in range(self._slide.num_scenes)]
+        if path.suffix.lower() == ".vsi":  # never the overview picture as the slide
+            embedded = _embedded_sizes(path)
+            scenes = [s for s in scenes if (s.rect[2], s.rect[3]) not in embedded]
+            if not scenes:
+                raise _vsi_refusal(path)
         if not scenes:
-            raise UnsupportedFormatError(_no_scene(path), "copy the pixel folder together "
-                                         "with the file", subject=str(path))
+            raise UnsupportedFormatError("holds no image slideio can read",
+                                         "check the file (is it complete?)", subject=str(path))
         scene = max(scenes, key=lambda s: s.rect[2] * s.rect[3])
         others = [f"{s.name} ({s.rect[2]}x{s.rect[3]})" for s in scenes if s is not scene]
         if others:

@@ -130,6 +130,20 @@ def test_formats_vsi_without_its_ets_folder_is_refused_with_where(tmp_path: Path
         open_slide(lone)
 
 
+def test_formats_vsi_with_unreadable_ets_is_not_read_as_its_overview(tmp_path: Path) -> None:
+    """Regression: with a damaged .ets, slideio offers the .vsi's own overview picture as the
+    scene (it did here: 320 x 240, no mpp); histotile refuses the file instead."""
+    import tifffile
+
+    vsi = tmp_path / "damaged.vsi"
+    tifffile.imwrite(vsi, np.full((240, 320, 3), 210, np.uint8), photometric="rgb")
+    stack = tmp_path / "_damaged_" / "stack1"
+    stack.mkdir(parents=True)
+    (stack / "frame_t.ets").write_bytes(b"SIS\0" + bytes(60))
+    with pytest.raises(UnsupportedFormatError, match=r"Olympus VSI.*frame\*\.ets.*1 found"):
+        open_slide(vsi)
+
+
 def test_formats_without_the_extra_the_refusal_names_it(monkeypatch: pytest.MonkeyPatch,
                                                          czi: Path) -> None:
     monkeypatch.setattr(slide_formats, "slideio_installed", lambda: False)
