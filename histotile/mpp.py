@@ -2,7 +2,8 @@
 set a value aside.
 
 Sources, in order: an override (``--slide-mpp``); the vendor's own value as the slide library
-reports it (``openslide``); the TIFF resolution tags (``tiff-tags``); the reader's value for a
+reports it (``openslide``; ``vendor-metadata`` when slideio read it, see
+:mod:`histotile.slide_formats`); the TIFF resolution tags (``tiff-tags``); the reader's value for a
 generic TIFF (``openslide``, from the same tags); an estimate from the objective power
 (``objective-estimate``). Generic TIFF resolution tags are often not a pixel size at all: image
 libraries write 72 or 96 dpi (a screen default) or no unit. Such values are set aside and

@@ -229,9 +229,11 @@ class Slide:
     def fluorescence_channel(self) -> str | None:
         """The fluorescence channel or filter the file's metadata names, when it names one:
         Hamamatsu NDPI's fluorescence tag (65434), an OME-XML channel with fluorescence
-        illumination or contrast."""
+        illumination or contrast; a VSI/CZI scene whose channels are not one colour picture
+        (``slideio.fluorescence``, :mod:`histotile.slide_formats`)."""
         if not hasattr(self, "_fluorescence"):
-            self._fluorescence = fluorescence_metadata(self.file)
+            self._fluorescence = (self.properties.get(f"{self.backend}.fluorescence")
+                                  or fluorescence_metadata(self.file))
         return self._fluorescence
 
     @property

@@ -15,7 +15,8 @@ OpenSlide and tiffslide: ``properties``, ``dimensions``, ``level_count``, ``leve
 - Pixels come back RGB uint8: CZI stores colour as BGR (libCZI ``Bgr24``) and slideio returns
   it as stored, so the channels are reversed here; more than 8 bits are scaled by the
   channel's significant bits (one scale for the whole slide, never per region); a grey or
-  multi-channel (fluorescence) scene shows its first channel as grey.
+  multi-channel (fluorescence) scene shows its first channel as grey, and its channel names
+  go to ``slideio.fluorescence`` (so ``predict`` treats it as dark-field).
 - A z-stack is read at its middle focal plane (``slideio.z-slice``).
 - A VSI is read from its ``_<stem>_/stack*/frame*.ets`` pixel files only: when slideio finds no
   image there (folder missing, files damaged) it offers the .vsi's own overview picture as a
@@ -158,6 +159,9 @@ class SlideioHandle:
             "slideio.data-type": str(self._dtype), "slideio.compression": str(scene.compression),
             "slideio.z-slices": int(scene.num_z_slices), "slideio.z-slice": self._z,
         }
+        if self._channels != 3:  # not one colour picture: fluorescence or multiplex channels
+            names = [scene.get_channel_name(c) or f"channel {c}" for c in range(self._channels)]
+            props["slideio.fluorescence"] = ", ".join(names)
         if res and res[0] and res[0] > 0:
             props["slideio.mpp-x"] = res[0] * 1e6
             props["slideio.mpp-y"] = (res[1] or res[0]) * 1e6

@@ -16,9 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import make_untrained_model, read_csv, real_data, run_cli
+from helpers import make_untrained_model, read_csv, real_data, run_cli, without_slideio
 
-from histotile import slide_formats
 from histotile.errors import UnsupportedFormatError
 from histotile.items import item_kind
 from histotile.slide import open_slide
@@ -109,6 +108,7 @@ def test_formats_real_vsi_with_ets() -> None:
         assert s.mpp == pytest.approx((0.10833, 0.10833), rel=1e-3)
         assert s.mpp_source == "vendor-metadata" and s.objective_power == 60
         assert s.properties["slideio.z-slices"] == 11 and s.properties["slideio.z-slice"] == 5
+        assert s.fluorescence_channel == "C405, C488"  # from the channels, not the pixels
         region = s.read_region((600, 600), 0, (256, 256))
     import slideio
 
@@ -146,11 +146,11 @@ def test_formats_vsi_with_unreadable_ets_is_not_read_as_its_overview(tmp_path: P
 
 def test_formats_without_the_extra_the_refusal_names_it(monkeypatch: pytest.MonkeyPatch,
                                                          czi: Path) -> None:
-    monkeypatch.setattr(slide_formats, "slideio_installed", lambda: False)
-    for path in (czi, VSI):
+    without_slideio(monkeypatch)
+    for path, says in ((czi, "Zeiss CZI"), (VSI, "frame*.ets")):
         with pytest.raises(UnsupportedFormatError) as err:
             open_slide(path)
-        assert "histotile[formats]" in err.value.hint
+        assert says in err.value.message and "histotile[formats]" in err.value.hint
 
 
 def test_formats_cli_info_tile_predict_on_czi_and_vsi(tmp_path: Path, czi: Path,
@@ -174,9 +174,13 @@ def test_formats_cli_info_tile_predict_on_czi_and_vsi(tmp_path: Path, czi: Path,
     rows = read_csv(tmp_path / "p" / "cmu-crop" / "predictions.csv")
     assert rows and all(float(r["minx"]) + float(r["width"]) <= 1024 + 1 for r in rows)
     assert all(float(r["miny"]) + float(r["height"]) <= 1024 + 1 for r in rows)
-    # the VSI is fluorescence (dark background: no tissue for a brightfield detector), so the
-    # whole 178 x 182 um scene is taken: one 112 um patch at the model's 4 um/px
+    # the VSI is fluorescence: refused for a brightfield model, run when the user says so (the
+    # whole 178 x 182 um scene: one 112 um patch at the model's 4 um/px)
     code, _, err = run_cli(["-q", "predict", str(VSI), "-o", str(tmp_path / "p"),
-                            "--model", str(model), "--min-tissue", "0"], capsys)
+                            "--model", str(model)], capsys)
+    assert code != 0 and "--allow-darkfield" in err
+    code, _, err = run_cli(["-q", "predict", str(VSI), "-o", str(tmp_path / "p"),
+                            "--model", str(model), "--allow-darkfield", "--min-tissue", "0"],
+                           capsys)
     assert code == 0, err
     assert len(read_csv(tmp_path / "p" / "vsi-ets-test-jpg2k" / "predictions.csv")) == 1
