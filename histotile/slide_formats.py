@@ -90,7 +90,8 @@ def _embedded_sizes(path: Path) -> set[tuple[int, int]]:
         import tifffile
 
         with tifffile.TiffFile(path) as tf:
-            return {(int(p.imagewidth), int(p.imagelength)) for p in tf.pages}
+            shapes = [page.shape for page in tf.pages]
+        return {(int(sh[1]), int(sh[0])) for sh in shapes if len(sh) >= 2}
     except Exception:  # noqa: BLE001 - not a TIFF: nothing embedded to mistake for the slide
         return set()
 
@@ -111,7 +112,7 @@ class SlideioHandle:
     """One slideio scene with the OpenSlide-like interface of :class:`histotile.slide.Slide`."""
 
     def __init__(self, path: Path) -> None:
-        import slideio
+        import slideio  # type: ignore[import-untyped]
 
         driver = SLIDEIO_DRIVERS.get(path.suffix.lower(), "AUTO")
         self._slide = slideio.open_slide(str(path), driver)
