@@ -9,6 +9,7 @@ extension (case-insensitive, longest match wins)   kind       opened by (format)
 =================================================  =========  ==============================
 .svs .ndpi .mrxs .scn .bif .vms .vmu .svslide      slide      ``slide`` (OpenSlide/TiffSlide)
 .tif .tiff .ome.tif .ome.tiff .qptiff .btf .dcm    slide      ``slide``
+.vsi .czi (Olympus/Evident VSI, Zeiss CZI)         slide      ``slide`` (slideio, ``[formats]``)
 a folder holding ``*.dcm`` (a DICOM WSI series)    slide      ``slide``
 .h5 .hdf5 .he5                                     archive    ``pcam-h5``
 .npz                                               archive    ``medmnist-npz``
@@ -41,7 +42,7 @@ ItemKind = Literal["slide", "archive", "list"]
 ITEM_TABLE: dict[str, tuple[ItemKind, str]] = {
     **{ext: ("slide", "slide") for ext in (
         ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff",
-        ".ome.tif", ".ome.tiff", ".qptiff", ".btf", ".dcm")},
+        ".ome.tif", ".ome.tiff", ".qptiff", ".btf", ".dcm", ".vsi", ".czi")},
     ".h5": ("archive", "pcam-h5"),
     ".hdf5": ("archive", "pcam-h5"),
     ".he5": ("archive", "pcam-h5"),

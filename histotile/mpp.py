@@ -2,7 +2,8 @@
 set a value aside.
 
 Sources, in order: an override (``--slide-mpp``); the vendor's own value as the slide library
-reports it (``openslide``); the TIFF resolution tags (``tiff-tags``); the reader's value for a
+reports it (``openslide``; ``vendor-metadata`` when slideio read it, see
+:mod:`histotile.slide_formats`); the TIFF resolution tags (``tiff-tags``); the reader's value for a
 generic TIFF (``openslide``, from the same tags); an estimate from the objective power
 (``objective-estimate``). Generic TIFF resolution tags are often not a pixel size at all: image
 libraries write 72 or 96 dpi (a screen default) or no unit. Such values are set aside and
@@ -16,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MPP_SOURCES = ("override", "openslide", "tiff-tags", "objective-estimate")
+MPP_SOURCES = ("override", "openslide", "vendor-metadata", "tiff-tags", "objective-estimate")
 #: Level-0 microns per pixel a slide scanner can produce: 0.02 (oil immersion, 100x and more)
 #: to 20 (a 1x scan). Metadata outside it is not a microscope pixel size: 72/96/300 dpi are
 #: screen and print defaults (352.8, 264.6, 84.7 um/px) that image libraries write.

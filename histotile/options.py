@@ -28,7 +28,7 @@ from histotile.errors import InvalidArgumentError
 
 StainNorm = Literal["auto", "none", "macenko"]
 TileStainNorm = Literal["none", "macenko"]
-Backend = Literal["auto", "openslide", "tiffslide"]
+Backend = Literal["auto", "openslide", "tiffslide", "slideio"]
 ArchiveSplit = Literal["train", "val", "test"]
 QupathObjectType = Literal["tile", "detection"]
 TissueMethod = Literal["otsu", "otsu-gray"]

@@ -4,11 +4,12 @@ Coordinates are level-0 pixels, top-left origin, (x, y). A level pixel ``l`` map
 ``ceil(l * downsample)`` and back with ``floor(x0 / downsample)``, so integer level positions
 survive the round trip on every level (also where the downsample is not an integer).
 
-``backend="auto"`` opens a slide with OpenSlide when it knows the vendor format, with tiffslide
-for TIFF flavours OpenSlide reads badly (OME, QPTIFF) or not at all. Where OpenSlide opened an
-Aperio SVS or a generic tiled TIFF, the pixels are decoded tile by tile with tifffile
-(:mod:`histotile.tiff_tiles`), 3-4x faster on these files and the same pixels; metadata stays
-OpenSlide's. An explicit ``backend`` uses that library for everything.
+``backend="auto"`` opens ``.vsi`` and ``.czi`` with slideio (the optional ``[formats]`` extra,
+:mod:`histotile.slide_formats`), other slides with OpenSlide when it knows the vendor format,
+with tiffslide for TIFF flavours OpenSlide reads badly (OME, QPTIFF) or not at all. Where
+OpenSlide opened an Aperio SVS or a generic tiled TIFF, the pixels are decoded tile by tile
+with tifffile (:mod:`histotile.tiff_tiles`), 3-4x faster on these files and the same pixels;
+metadata stays OpenSlide's. An explicit ``backend`` uses that library for everything.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ from histotile.errors import (
 )
 from histotile.items import item_kind
 from histotile.mpp import find_mpp
+from histotile.slide_formats import (
+    SlideioHandle,
+    require_slideio,
+    slideio_installed,
+    slideio_suffix,
+)
 from histotile.vendor import (
     dicom_jpeg_labelled_rgb,
     dicom_problem,
@@ -43,7 +50,9 @@ from histotile.vendor import (
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "openslide", "tiffslide")
+BACKENDS = ("auto", "openslide", "tiffslide", "slideio")
+#: the mpp source name of a library's own vendor value, where it is not OpenSlide's
+_VENDOR_MPP_SOURCE = {"slideio": "vendor-metadata"}
 _EPS = 1e-6
 _MPP_HINT = "pass --slide-mpp <microns per pixel> (slide_mpp=...) to set it"
 
@@ -87,6 +96,8 @@ def _tiff_needs_tiffslide(path: Path) -> bool:
 
 def pick_backend(path: Path) -> str:
     """The backend ``auto`` chooses for ``path`` (see the module docstring)."""
+    if slideio_suffix(path):  # VSI, CZI: the optional slideio reader (histotile.slide_formats)
+        return "slideio"
     import openslide
 
     try:
@@ -125,7 +136,8 @@ def _not_a_slide(path: Path, exc: Exception) -> Exception:
         )
     return UnsupportedFormatError(
         "not a slide format histotile can read",
-        "supported: SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, (OME-)TIFF, QPTIFF",
+        "supported: SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, (OME-)TIFF, QPTIFF; VSI and "
+        "CZI with the [formats] extra",
         subject=str(path),
     )
 
@@ -135,6 +147,9 @@ def _open_backend(path: Path, backend: str) -> Any:
     level = tiff_log.level
     tiff_log.setLevel(logging.ERROR)  # its warnings on broken files duplicate our error line
     try:
+        if backend == "slideio":
+            require_slideio(path)
+            return SlideioHandle(path)
         if backend == "openslide":
             import openslide
 
@@ -145,6 +160,8 @@ def _open_backend(path: Path, backend: str) -> Any:
             warnings.simplefilter("ignore")
             return tiffslide.TiffSlide(str(path))
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one typed error
+        if isinstance(exc, HistotileError):
+            raise
         if backend == "tiffslide" and pick_backend(path) == "openslide":
             raise UnsupportedFormatError(
                 "tiffslide cannot read this format", "use --backend openslide (or auto)",
@@ -184,6 +201,8 @@ class Slide:
         self.vendor = props.get(f"{backend}.vendor") or None
         self.objective_power = _float(props.get(f"{backend}.objective-power"))
         self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
+        if self.mpp_source == "openslide":
+            self.mpp_source = _VENDOR_MPP_SOURCE.get(backend, "openslide")
         self.ycbcr_fix = backend == "openslide" and dicom_jpeg_labelled_rgb(path, props)
         self.requested_backend = requested_backend or backend
         # the fast path for the same pixels (module docstring); only when ``auto`` chose OpenSlide
@@ -210,9 +229,11 @@ class Slide:
     def fluorescence_channel(self) -> str | None:
         """The fluorescence channel or filter the file's metadata names, when it names one:
         Hamamatsu NDPI's fluorescence tag (65434), an OME-XML channel with fluorescence
-        illumination or contrast."""
+        illumination or contrast; a VSI/CZI scene whose channels are not one colour picture
+        (``slideio.fluorescence``, :mod:`histotile.slide_formats`)."""
         if not hasattr(self, "_fluorescence"):
-            self._fluorescence = fluorescence_metadata(self.file)
+            self._fluorescence = (self.properties.get(f"{self.backend}.fluorescence")
+                                  or fluorescence_metadata(self.file))
         return self._fluorescence
 
     @property
@@ -500,7 +521,8 @@ def open_slide(path: str | Path, backend: str = "auto",
         raise InvalidArgumentError(f"unknown backend {backend!r}",
                                    f"use one of {', '.join(BACKENDS)}", subject=str(path))
     file = _resolve_path(path)
-    refuse_olympus_vsi(file)
+    if not (slideio_suffix(file) and slideio_installed()):  # else slideio reads the .ets
+        refuse_olympus_vsi(file)
     chosen = pick_backend(file) if backend == "auto" else backend
     handle = _open_backend(file, chosen)
     tiff_log = logging.getLogger("tifffile")

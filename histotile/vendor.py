@@ -33,8 +33,8 @@ def refuse_olympus_vsi(path: Path) -> None:
     name with a ``_<stem>_/stack*/frame*.ets`` folder beside it is a renamed VSI.
     """
     suffix = path.suffix.lower()
-    hint = ("histotile has no VSI reader yet: convert the slide to OME-TIFF (e.g. bfconvert "
-            "or QuPath) and pass that")
+    hint = ("install histotile's VSI reader: pip install 'histotile[formats]' and pass the "
+            ".vsi with its folder (or convert the slide to OME-TIFF, e.g. with QuPath)")
     if suffix == ETS_SUFFIX:
         raise UnsupportedFormatError(
             "is an Olympus .ets pixel file, part of a VSI slide", hint, subject=str(path))

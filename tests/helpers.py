@@ -203,3 +203,9 @@ def write_result(folder: Path, grid: dict, probs: np.ndarray, batch: int = 16) -
     run = {"slide": f"/slides/{folder.name}.svs", "model": {"card": card}}
     (folder / "run.json").write_text(json.dumps(run))
     return folder
+
+
+def without_slideio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the ``[formats]`` extra (slideio: VSI, CZI) were not installed."""
+    monkeypatch.setattr("histotile.slide_formats.slideio_installed", lambda: False)
+    monkeypatch.setattr("histotile.slide.slideio_installed", lambda: False)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import real_data
+from helpers import without_slideio
 
 from histotile.errors import CorruptSlideError, MissingMppError, UnsupportedFormatError
 from histotile.mpp import MPP_PLAUSIBLE
@@ -50,14 +51,15 @@ def make_vsi(folder: Path, stem: str = "generated-slide", frames: int = 1) -> Pa
 
 
 # --------------------------------------------------------------------------- item 1: VSI
-def test_issue17_vsi_overview_is_refused_with_where_the_pixels_are(tmp_path):
+def test_issue17_vsi_overview_is_refused_with_where_the_pixels_are(tmp_path, monkeypatch):
+    without_slideio(monkeypatch)  # with the [formats] extra: tests/test_formats.py
     vsi = make_vsi(tmp_path)
     with pytest.raises(UnsupportedFormatError) as err:
         open_slide(vsi)
     line = err.value.one_line()
     assert "Olympus VSI" in line and "overview" in line
     assert str(tmp_path / "_generated-slide_" / "stack*" / "frame*.ets") in line
-    assert "no VSI reader" in line
+    assert "histotile[formats]" in line
 
 
 def test_issue17_vsi_without_its_pixel_folder_says_it_is_missing(tmp_path):
