@@ -142,7 +142,8 @@ def tile_slide(
 
         def record(rows: list[int]) -> dict[str, Any]:
             return unreadable_record(grid, rows, tissue, max_unreadable, str(slide_path),
-                                     f"left out of {archive.name}, recorded in its attributes")
+                                     "left out of the archive, recorded in its attributes "
+                                     "and run.json")
 
         kept, unreadable = _write_archive(archive, slide, grid, attrs, batch_size,
                                           _chain(stain, transform), progress, record)
