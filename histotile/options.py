@@ -37,6 +37,9 @@ Cluster = Literal["slurm", "pbs", "sge", "lsf", "htcondor"]
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEFAULT_TILE_MPP = 0.972  # PatchCamelyon's 96 px patches at 10x
+#: Share of a slide's patches that may be undecodable (damaged tiles) before it fails
+#: (``predict`` and ``tile``).
+DEFAULT_MAX_UNREADABLE = 0.05
 
 T = TypeVar("T")
 
@@ -183,6 +186,10 @@ class BatchOptions:
 BATCH_FIELDS = frozenset(f.name for f in dataclasses.fields(BatchOptions))
 
 
+def _max_unreadable(value: float) -> None:
+    _in_range("max_unreadable", value, 0.0, 1.0, False, f"{DEFAULT_MAX_UNREADABLE:g}")
+
+
 # --------------------------------------------------------------------------- predict
 @dataclass(frozen=True)
 class PredictOptions:
@@ -223,7 +230,7 @@ class PredictOptions:
     qupath_merge: bool = False
     ome_tiff: bool = False
     allow_darkfield: bool = False
-    max_unreadable: float = 0.05
+    max_unreadable: float = DEFAULT_MAX_UNREADABLE
     progress: bool = True
     command: str | None = None
     batch: BatchOptions = field(default_factory=BatchOptions)
@@ -244,7 +251,7 @@ class PredictOptions:
         _positive_finite("cam_resolution", self.cam_resolution, "16")
         _choice("qupath_object_type", self.qupath_object_type, QupathObjectType)
         _in_range("qupath_min_prob", self.qupath_min_prob, 0.0, 1.0, False, "0.5")
-        _in_range("max_unreadable", self.max_unreadable, 0.0, 1.0, False, "0.05")
+        _max_unreadable(self.max_unreadable)
         if self.attention and self.gradcam:
             raise InvalidArgumentError("--attention and --gradcam cannot be used together",
                                        "pick one map per run", subject="--attention")
@@ -272,6 +279,8 @@ class TileOptions:
     ``mpp=None`` with ``level=None`` means :data:`DEFAULT_TILE_MPP`; ``level`` alone reads that
     pyramid level at its own resolution. ``stain_target``: the image whose stains are the
     reference (``None``: the standard one). ``limit``: keep the first N patches.
+    ``max_unreadable``: as :class:`PredictOptions` (undecodable patches are left out of the
+    archive and recorded; above this share the slide fails).
     """
 
     patch_size: int = 96
@@ -285,6 +294,7 @@ class TileOptions:
     stain_norm: TileStainNorm = "none"
     stain_target: str | None = None
     backend: Backend = "auto"
+    max_unreadable: float = DEFAULT_MAX_UNREADABLE
     batch_size: int = 256
     progress: bool = False
 
@@ -299,6 +309,7 @@ class TileOptions:
         _int_at_least("limit", self.limit, 0, "1000")
         _choice("stain_norm", self.stain_norm, TileStainNorm)
         _choice("backend", self.backend, Backend)
+        _max_unreadable(self.max_unreadable)
         _int_at_least("batch_size", self.batch_size, 1, "256")
         if self.stain_target is not None:  # absolute: the same file for every worker and rerun
             object.__setattr__(self, "stain_target", os.path.abspath(self.stain_target))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histotile.errors import UnreadableRegionError
+from histotile.errors import TooMuchUnreadableError, UnreadableRegionError
 from histotile.slide import level_to_level0
 
 if TYPE_CHECKING:
@@ -191,3 +191,28 @@ def sample_patches(slide: Slide, grid: PatchGrid, n: int = 64, seed: int = 0,
     if unreadable is not None:
         unreadable.extend(int(pick[i]) for i in failed)
     return out if good.all() else out[good]
+
+
+def unreadable_record(grid: PatchGrid, rows: list[int], tissue: Any, max_fraction: float,
+                      subject: str, recorded_in: str) -> dict[str, Any]:
+    """run.json's ``unreadable`` record of the grid ``rows`` that could not be decoded (count,
+    fraction, level-0 boxes, the thumbnail's bad boxes), one warning when there are any (naming
+    ``recorded_in``); :class:`~histotile.errors.TooMuchUnreadableError` above ``max_fraction``.
+    The one rule ``predict`` and ``tile`` share."""
+    n = len(rows)
+    fraction = n / len(grid) if len(grid) else 0.0
+    if fraction > max_fraction:
+        raise TooMuchUnreadableError(
+            f"{n} of {len(grid)} patches ({fraction:.1%}) cannot be decoded (damaged tiles), "
+            f"more than --max-unreadable {max_fraction:g}",
+            "re-copy the slide if it was damaged in transfer, or raise --max-unreadable to "
+            "keep what can be read", subject=subject)
+    size = grid.patch_size_level0
+    boxes = [[int(x), int(y), size, size] for x, y in grid.coords[rows].tolist()]
+    if n:
+        log.warning("%s: %d of %d patches (%.1f%%) could not be decoded (damaged tiles): %s",
+                    subject, n, len(grid), 100 * fraction, recorded_in)
+    return {"patches": n, "fraction": fraction, "max_fraction": max_fraction,
+            "boxes_level0": boxes,
+            "thumbnail_boxes_level0": [list(b) for b in (getattr(tissue, "unreadable", None)
+                                                         or [])]}

@@ -8,7 +8,11 @@ per-slide locks, ``manifest.csv``, failure isolation, shards, dask executors), l
 Per slide it writes ``<out>/<stem>.h5`` (dataset ``x`` (N, P, P, 3) uint8 chunked per patch,
 ``coords`` (N, 2) int64 level-0 top-left x, y, and the grid/slide metadata as attributes) and
 ``<out>/<stem>.tissue.png`` (thumbnail, tissue mask and the kept patch grid). Both are written
-under a temporary name and renamed when complete; patches are streamed batch by batch. Through
+under a temporary name and renamed when complete; patches are streamed batch by batch. A patch
+that cannot be decoded (a damaged tile) is left out (``x``, ``coords`` and ``tissue_fraction``
+hold the readable ones, blank in the picture) and recorded: attributes ``unreadable_patches``,
+``unreadable_fraction``, ``unreadable_boxes_level0`` (x, y, w, h), and ``unreadable`` in
+run.json; above ``max_unreadable`` of the grid the slide fails. Through
 :func:`tile`, ``<out>/<stem>.run.json`` (written last) records the options and marks the slide
 done, so a rerun with the same options skips it. Stems are those of ``predict``
 (:func:`histotile.items.item_stems`). ``out`` ending in ``.h5`` names the archive of a single
@@ -50,8 +54,13 @@ from histotile.errors import InvalidArgumentError, NoTissueError
 from histotile.grid import make_grid
 from histotile.hpc import run_items
 from histotile.items import ItemKind, item_kind, item_stem, item_suffix
-from histotile.options import DEFAULT_TILE_MPP, TileOptions
-from histotile.patches import iter_patch_batches, plan_regions, sample_patches
+from histotile.options import DEFAULT_MAX_UNREADABLE, DEFAULT_TILE_MPP, TileOptions
+from histotile.patches import (
+    iter_patch_batches,
+    plan_regions,
+    sample_patches,
+    unreadable_record,
+)
 from histotile.slide import open_slide
 from histotile.stain import make_normalizer
 from histotile.tissue import detect_tissue, overlay
@@ -72,6 +81,7 @@ class TileResult:
     tissue_png: Path
     n_patches: int
     attrs: dict[str, Any]
+    unreadable: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _h5_attr(value: Any) -> Any:
@@ -88,11 +98,14 @@ def tile_slide(
     transform: BatchTransform | None = None, progress: bool = False,
     extra_attrs: dict[str, Any] | None = None, stain_norm: str = "none",
     stain_target: str | Path | None = None, name: str | None = None,
+    max_unreadable: float = DEFAULT_MAX_UNREADABLE,
 ) -> TileResult:
     """Tile one slide (see the module docstring). ``transform`` maps uint8 (B, P, P, 3) batches
     before they are written (after the stain normalisation ``stain_norm`` "none"|"macenko",
     to the reference fitted on ``stain_target`` or the default); ``limit`` keeps the first N.
-    ``name``: the files' stem (default :func:`histotile.items.item_stem` of the slide)."""
+    ``name``: the files' stem (default :func:`histotile.items.item_stem` of the slide).
+    ``max_unreadable``: the share of the grid that may be undecodable before
+    :class:`~histotile.errors.TooMuchUnreadableError` (nothing is written then)."""
     if limit is not None and limit < 0:
         raise InvalidArgumentError(f"--limit {limit} is negative", "use 0 or more")
     if mpp is None and level is None:
@@ -126,11 +139,17 @@ def tile_slide(
         }
         attrs = {k: v for k, v in attrs.items() if v is not None}
         archive = out_dir / f"{stem}.h5"
-        _write_archive(archive, slide, grid, attrs, batch_size, _chain(stain, transform),
-                       progress)
+
+        def record(rows: list[int]) -> dict[str, Any]:
+            return unreadable_record(grid, rows, tissue, max_unreadable, str(slide_path),
+                                     "left out of the archive, recorded in its attributes "
+                                     "and run.json")
+
+        kept, unreadable = _write_archive(archive, slide, grid, attrs, batch_size,
+                                          _chain(stain, transform), progress, record)
         png = out_dir / f"{stem}.tissue.png"
-        _write_png(png, overlay(tissue, grid))
-    return TileResult(str(slide_path), archive, png, len(grid), attrs)
+        _write_png(png, overlay(tissue, grid.subset(kept)))  # unreadable patches stay blank
+    return TileResult(str(slide_path), archive, png, len(kept), attrs, unreadable)
 
 
 def _stain_step(slide: Any, grid: Any, normalizer: Any, target: str | Path | None
@@ -143,7 +162,8 @@ def _stain_step(slide: Any, grid: Any, normalizer: Any, target: str | Path | Non
         "stain_reference": json.dumps(normalizer.reference.to_dict()),
         "stain_target": str(Path(target).resolve()) if target is not None else None,
     }
-    sample = sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED)
+    # undecodable patches are left out of the sample (the archive step records them)
+    sample = sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED, unreadable=[])
     try:
         if len(sample) == 0:
             raise NoTissueError("no tissue patch to fit the stains on", "")
@@ -174,36 +194,49 @@ def _region_order(grid: Any, slide: Any) -> np.ndarray:
 
 
 def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], batch_size: int,
-                   transform: BatchTransform | None, progress: bool) -> None:
+                   transform: BatchTransform | None, progress: bool,
+                   record: Callable[[list[int]], dict[str, Any]],
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Stream the readable patches into ``path``: (kept grid rows in archive order, the
+    ``record`` of the unreadable rows, which may raise before anything is renamed)."""
     import h5py
     from tqdm import tqdm
 
     size, n = grid.patch_size, len(grid)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    kept: list[np.ndarray] = []
+    unreadable: list[int] = []
     try:
         with h5py.File(tmp, "w") as h5:
             x = h5.create_dataset("x", shape=(n, size, size, 3), maxshape=(None, size, size, 3),
                                   dtype=np.uint8, chunks=(1, size, size, 3),
                                   compression="gzip", compression_opts=1)
-            h5.create_dataset("coords", data=grid.coords.astype(np.int64))
-            h5.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
             for key, value in attrs.items():
                 h5.attrs[key] = _h5_attr(value)
+            written = 0
             with tqdm(total=n, unit="patch", desc=Path(slide.path).name[-30:], disable=not progress,
                       leave=False) as bar:
-                for idx, batch in iter_patch_batches(slide, grid, batch_size):
+                for idx, batch in iter_patch_batches(slide, grid, batch_size,
+                                                     unreadable=unreadable):
                     if transform is not None:
                         batch = transform(batch)
-                    start = int(idx[0])
-                    if np.array_equal(idx, np.arange(start, start + len(idx))):
-                        x[start:start + len(idx)] = batch
-                    else:  # h5py fancy indexing needs increasing indices
-                        order = np.argsort(idx)
-                        x[idx[order]] = batch[order]
+                    x[written:written + len(idx)] = batch
+                    written += len(idx)
+                    kept.append(idx)
                     bar.update(len(idx))
+            rows = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+            info = record(sorted(set(unreadable)))
+            x.resize(written, axis=0)
+            h5.create_dataset("coords", data=grid.coords[rows].astype(np.int64))
+            h5.create_dataset("tissue_fraction", data=grid.tissue_fraction[rows].astype(np.float32))
+            h5.attrs["unreadable_patches"] = info["patches"]
+            h5.attrs["unreadable_fraction"] = info["fraction"]
+            h5.attrs["unreadable_boxes_level0"] = np.asarray(info["boxes_level0"],
+                                                             np.int64).reshape(-1, 4)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return rows, info
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
@@ -254,7 +287,8 @@ def make_tile_process(options: TileOptions, progress: bool = False,
             result.archive.rename(tmp_dir / f"{ITEM_PREFIX}{suffix}")
         return {"patches": result.n_patches, "kind": "tile",
                 "effective_mpp": result.attrs.get("effective_mpp"),
-                "patch_size": options.patch_size, "level": result.attrs.get("level")}
+                "patch_size": options.patch_size, "level": result.attrs.get("level"),
+                "unreadable": result.unreadable}
 
     return process
 

@@ -10,6 +10,7 @@ from histotile.cli.batch_options import batch_options
 from histotile.cli.common import (
     backend_option,
     debug_flag,
+    field_option,
     quiet_flag,
     slide_mpp_option,
 )
@@ -42,12 +43,16 @@ from histotile.options import TileOptions
 @click.option("--stain-target", type=click.Path(dir_okay=False), default=None,
               help="Image whose stains are the reference [default: the standard H&E one].")
 @backend_option
+@field_option(TileOptions, "max_unreadable", metavar="FRACTION",
+              help="Fail a slide when more than this share of its patches cannot be decoded "
+                   "(damaged tiles); below it they are left out of the archive and recorded.")
 @batch_options
 @click.pass_context
 def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
          mpp: float | None, level: int | None, slide_mpp: float | None, overlap: float,
          min_tissue: float, tissue_method: str, limit: int | None, stain_norm: str,
-         stain_target: str | None, backend: str, **batch: object) -> None:
+         stain_target: str | None, backend: str, max_unreadable: float,
+         **batch: object) -> None:
     """Cut tissue patches of SLIDES at a target mpp into PatchCamelyon-layout HDF5 archives.
 
     SLIDE: files, folders, globs or .txt/.csv lists, as for predict. Slides finished with the
@@ -63,7 +68,8 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
     options = TileOptions(
         patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp, overlap=overlap,
         min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,  # type: ignore[arg-type]
-        stain_norm=stain_norm, stain_target=stain_target, backend=backend)  # type: ignore[arg-type]
+        stain_norm=stain_norm, stain_target=stain_target, backend=backend,  # type: ignore[arg-type]
+        max_unreadable=max_unreadable)
     summary = run_tile(list(slides), out, options, progress=not quiet,
                        on_error="raise" if debug else print_failure,
                        **batch_opts.run_items_kwargs())

@@ -28,7 +28,6 @@ from histotile.errors import (
     HistotileError,
     InvalidArgumentError,
     NoTissueError,
-    TooMuchUnreadableError,
 )
 from histotile.explain import (
     CamStitcher,
@@ -45,7 +44,7 @@ from histotile.grid import make_grid
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
 from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
-from histotile.patches import plan_regions, sample_patches
+from histotile.patches import plan_regions, sample_patches, unreadable_record
 from histotile.slide import open_slide
 from histotile.stitch import HeatmapWriter
 from histotile.tissue import detect_tissue, require_brightfield
@@ -79,24 +78,11 @@ def _grid(slide: Any, tissue: Any, ctx: PredictContext, item: Path) -> Any:
 
 def unreadable_info(grid: Any, rows: list[int], tissue: Any, max_fraction: float,
                     subject: str) -> dict[str, Any]:
-    """run.json's ``unreadable`` record; :class:`TooMuchUnreadableError` above ``max_fraction``."""
-    n = len(rows)
-    fraction = n / len(grid) if len(grid) else 0.0
-    if fraction > max_fraction:
-        raise TooMuchUnreadableError(
-            f"{n} of {len(grid)} patches ({fraction:.1%}) cannot be decoded (damaged tiles), "
-            f"more than --max-unreadable {max_fraction:g}",
-            "re-copy the slide if it was damaged in transfer, or raise --max-unreadable to "
-            "keep what can be read", subject=subject)
-    size = grid.patch_size_level0
-    boxes = [[int(x), int(y), size, size] for x, y in grid.coords[rows].tolist()]
-    if n:
-        log.warning("%s: %d of %d patches (%.1f%%) could not be decoded (damaged tiles): "
-                    "recorded as unreadable in predictions.csv, the heatmap coverage and "
-                    "run.json", subject, n, len(grid), 100 * fraction)
-    return {"patches": n, "fraction": fraction, "max_fraction": max_fraction,
-            "boxes_level0": boxes,
-            "thumbnail_boxes_level0": [list(b) for b in (tissue.unreadable or [])]}
+    """run.json's ``unreadable`` record; :class:`TooMuchUnreadableError` above ``max_fraction``
+    (:func:`histotile.patches.unreadable_record`, the rule ``tile`` shares)."""
+    return unreadable_record(grid, rows, tissue, max_fraction, subject,
+                             "recorded as unreadable in predictions.csv, the heatmap coverage "
+                             "and run.json")
 
 
 def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, Any]:
