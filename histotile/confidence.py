@@ -96,6 +96,6 @@ def domain_warning(summary: ConfidenceSummary, domain: dict[str, Any] | None,
         return None
     tissue = (domain or {}).get("tissue")
     made_for = f"{tissue} tissue" if tissue else "its training data"
-    return (f"median top probability {median:.2f} is under {float(threshold):.2f}: this looks "
-            f"outside what model {model_name!r} was made for ({made_for}); its labels here are "
+    return (f"this slide looks outside what model {model_name!r} was made for ({made_for}): "
+            f"median top probability {median:.2f} < {float(threshold):.2f}; read its labels as "
             f"guesses")

@@ -47,6 +47,7 @@ from histotile.batch import (
     resolve_shard,
 )
 from histotile.errors import InvalidArgumentError, NoTissueError
+from histotile.export.tissue_picture import tissue_picture
 from histotile.grid import make_grid
 from histotile.hpc import run_items
 from histotile.items import ItemKind, item_kind, item_stem, item_suffix
@@ -54,7 +55,7 @@ from histotile.options import DEFAULT_TILE_MPP, TileOptions
 from histotile.patches import iter_patch_batches, plan_regions, sample_patches
 from histotile.slide import open_slide
 from histotile.stain import make_normalizer
-from histotile.tissue import detect_tissue, overlay
+from histotile.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
 DEFAULT_MPP = DEFAULT_TILE_MPP  # PatchCamelyon: 96 px at 10x (defined in histotile.options)
@@ -129,7 +130,7 @@ def tile_slide(
         _write_archive(archive, slide, grid, attrs, batch_size, _chain(stain, transform),
                        progress)
         png = out_dir / f"{stem}.tissue.png"
-        _write_png(png, overlay(tissue, grid))
+        _write_png(png, tissue_picture(tissue, grid))
     return TileResult(str(slide_path), archive, png, len(grid), attrs)
 
 
