@@ -1,4 +1,4 @@
-"""overlay.png shows confidence, names and a scale bar; tissue.png its mask and kept grid (issue 15).
+"""overlay.png shows confidence, names and a scale bar; tissue.png its mask and grid (issue 15).
 
 Real CMU-1-Small-Region geometry and thumbnail; probabilities GENERATED (Dirichlet draws).
 """

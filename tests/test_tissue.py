@@ -7,8 +7,8 @@ import pytest
 from helpers import SHARED_DATA, TILES, real_data
 from PIL import Image
 
-from histotile.slide import open_slide
 from histotile.export.tissue_picture import tissue_picture
+from histotile.slide import open_slide
 from histotile.tissue import METHODS, detect_tissue, tissue_mask_rgb
 
 # crops of the CMU slide made by tests/generate.py, plus ../shared/data/tiles when it is there
