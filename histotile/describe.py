@@ -164,7 +164,10 @@ class _TsneProgress(io.TextIOBase):
         return len(text)
 
     def finish(self, n_iter: int | None) -> None:
-        self.bar.update(max(0, (n_iter or self.bar.total) - self.bar.n))
+        """The optimisation ended (``n_iter``: where it stopped early): the bar shows it done."""
+        self.bar.total = min(self.bar.total, n_iter or self.bar.total)
+        self.bar.update(max(0, self.bar.total - self.bar.n))
+        self.bar.refresh()
 
     def __enter__(self) -> _TsneProgress:
         return self
