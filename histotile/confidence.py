@@ -99,3 +99,9 @@ def domain_warning(summary: ConfidenceSummary, domain: dict[str, Any] | None,
     return (f"this slide looks outside what model {model_name!r} was made for ({made_for}): "
             f"median top probability {median:.2f} < {float(threshold):.2f}; read its labels as "
             f"guesses")
+
+
+def run_record(summary: ConfidenceSummary, domain: dict[str, Any] | None,
+               warning: str | None) -> dict[str, Any]:
+    """``run.json``'s ``confidence``: the summary, the card's domain and the warning (or null)."""
+    return {**summary.to_dict(), "domain": dict(domain) if domain else None, "warning": warning}

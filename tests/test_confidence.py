@@ -78,3 +78,26 @@ def _bundled():
     import histotile
 
     return Path(histotile.__file__).parent / "models/zoo/pathmnist-smallcnn"
+
+
+def test_issue15_predict_records_confidence_and_warns_out_of_domain(cmu_small, tmp_path,
+                                                                     capsys):
+    """The bundled colorectal model on the (skin) sample slide: run.json has the summary, the
+    run's last lines warn and say where the results are and what to open first."""
+    import json
+
+    from histotile.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["predict", str(cmu_small), "-o", str(tmp_path)])
+        raise SystemExit(0)
+    assert done.value.code in (0, None)
+    out, err = capsys.readouterr()
+    folder = tmp_path / "CMU-1-Small-Region"
+    conf = json.loads((folder / "run.json").read_text())["confidence"]
+    assert conf["patches"] == 42 and conf["median_top_probability"] < 0.6
+    assert 0 < conf["fraction_uncertain"] <= 1 and 0 < conf["mean_normalised_entropy"] < 1
+    assert conf["domain"] == DOMAIN and "colorectal" in conf["warning"]
+    assert f"warning: CMU-1-Small-Region.svs: {conf['warning']}" in err
+    assert out.strip().splitlines()[-1] == f"results: {folder}/ (open overlay.png first)"
