@@ -165,8 +165,9 @@ class _TsneProgress(io.TextIOBase):
 
     def finish(self, n_iter: int | None) -> None:
         """The optimisation ended (``n_iter``: where it stopped early): the bar shows it done."""
-        self.bar.total = min(self.bar.total, n_iter or self.bar.total)
-        self.bar.update(max(0, self.bar.total - self.bar.n))
+        final = max(self.bar.n, min(self.bar.total, n_iter or self.bar.total))
+        self.bar.total = final
+        self.bar.update(final - self.bar.n)
         self.bar.refresh()
 
     def __enter__(self) -> _TsneProgress:
