@@ -64,6 +64,19 @@ def test_issue17_14_quiet_failure_said_once(tmp_path, capsys):
     assert err.startswith("error: ") and str(bad) in err
 
 
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "bars"])
+def test_issue17_14_tile_failure_said_once(cmu_small, tmp_path, capsys, quiet):
+    bad = tmp_path / "damaged.svs"
+    bad.write_bytes(b"junk")
+    args = ["tile", str(bad), str(cmu_small), "-o", str(tmp_path / "out"), "--limit", "4"]
+    code, out, err = run_cli(["-q", *args] if quiet else args, capsys)
+    assert code == 1
+    assert err.count("damaged.svs") >= 1
+    said = [line for line in err.splitlines() if "junk" in line or "cannot be read" in line]
+    assert len(said) == 1, err
+    assert "CMU-1-Small-Region" in out or quiet
+
+
 def test_issue17_14_log_line_is_not_glued_to_a_running_bar(capsys):
     from tqdm import tqdm
 
