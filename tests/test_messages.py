@@ -50,9 +50,11 @@ def test_issue17_14_failed_slide_said_once_and_not_glued_to_a_bar(cmu_small, tmp
     assert proc.stderr.count("cannot be read as a slide") == 1, proc.stderr
     messages = [_after_last_cr(line) for line in proc.stderr.split("\n")
                 if "INFO:" in line or "error" in line or "failed:" in line]
-    assert messages and len(messages) >= 2  # the model-loaded line and the failure
+    assert len(messages) >= 3  # the model-loaded line, the failure, its name in the summary
     for shown in messages:
         assert "%|" not in shown, f"message glued to a progress bar: {shown!r}"
+    assert any(m.startswith(f"error: {bad}: cannot be read") for m in messages), messages
+    assert "failed: damaged.svs" in messages  # the summary names it, without the message
 
 
 def test_issue17_14_quiet_failure_said_once(tmp_path, capsys):
@@ -72,8 +74,9 @@ def test_issue17_14_tile_failure_said_once(cmu_small, tmp_path, capsys, quiet):
     code, out, err = run_cli(["-q", *args] if quiet else args, capsys)
     assert code == 1
     assert err.count("damaged.svs") >= 1
-    said = [line for line in err.splitlines() if "junk" in line or "cannot be read" in line]
-    assert len(said) == 1, err
+    said = [_after_last_cr(line) for line in err.split("\n")
+            if "junk" in line or "cannot be read" in line]
+    assert len(said) == 1 and said[0].startswith(f"error: {bad}"), err
     assert "CMU-1-Small-Region" in out or quiet
 
 
