@@ -101,3 +101,12 @@ def test_issue15_predict_records_confidence_and_warns_out_of_domain(cmu_small, t
     assert conf["domain"] == DOMAIN and "colorectal" in conf["warning"]
     assert f"warning: CMU-1-Small-Region.svs: {conf['warning']}" in err
     assert out.strip().splitlines()[-1] == f"results: {folder}/ (open overlay.png first)"
+    # tissue.png is the picture `tile` draws (thumbnail, mask, kept grid), the mask beside it
+    from PIL import Image
+
+    from histotile.export.tissue_picture import GRID_BLUE
+
+    picture = np.asarray(Image.open(folder / "tissue.png").convert("RGB"))
+    mask = np.asarray(Image.open(folder / "tissue_mask.png"))
+    assert mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}
+    assert max(picture.shape[:2]) >= 1024 and (picture == GRID_BLUE).all(axis=2).sum() > 1000
