@@ -121,7 +121,7 @@ def test_issue15_evaluate_prints_rounded_p_values():
     assert format_p_value(0.00002) == "p < 0.001"
     assert format_p_value(1.0) == "p = 1.000"
     assert format_p_value(None) == "p n/a"
-    m = {"model": "a", "dataset": "d", "split": "test", "n": 200, "accuracy": 0.87,
+    m = {"model": "a", "dataset": "d", "split_source": "test split", "n": 200, "accuracy": 0.87,
          "auc": 0.0, "comparison": {
              "other_model": "b", "accuracy": {"a": 0.87, "b": 0.82, "difference": 0.05},
              "mcnemar": {"test": "McNemar (exact binomial)", "p_value": 0.0312345678},
