@@ -36,6 +36,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, out.out, out.err
 
 
+@pytest.mark.slow  # its own process: ~11 s on 2 cores (the -q case below runs in-process)
 def test_issue17_14_failed_slide_said_once_and_not_glued_to_a_bar(cmu_small, tmp_path):
     """A real ``histotile predict`` (its own process, as a user runs it) over a damaged file and
     the sample slide, progress bars on: the failure is printed once, every message line starts
