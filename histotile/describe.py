@@ -15,7 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,16 +122,59 @@ def model_embeddings(model: str | Path, images: np.ndarray, device: str = "auto"
     return np.concatenate(store), f"{card.name}: input of {name} ({store[0].shape[1]}-d)"
 
 
-def tsne(features: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
-    """2-D scikit-learn t-SNE (PCA init); perplexity lowered for tiny samples."""
+def tsne(features: np.ndarray, seed: int = 0, perplexity: float = 30.0,
+         progress: bool = False) -> np.ndarray:
+    """2-D scikit-learn t-SNE (PCA init); perplexity lowered for tiny samples. ``progress``: a
+    bar on stderr that follows the optimisation's iterations (minutes on 5,000 patches)."""
     from sklearn.manifold import TSNE
 
     if len(features) < 3:
         raise InvalidArgumentError(f"t-SNE needs at least 3 patches, got {len(features)}",
                                    "describe a larger dataset")
     perp = float(min(perplexity, max(1.0, (len(features) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed,
-                learning_rate="auto").fit_transform(features.astype(np.float32))
+    est = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed,
+               learning_rate="auto", verbose=2 if progress else 0)
+    x = features.astype(np.float32)
+    if not progress:
+        return est.fit_transform(x)
+    with _TsneProgress(est.get_params().get("max_iter") or 1000, len(x)) as stream, \
+            contextlib.redirect_stdout(stream):
+        xy = est.fit_transform(x)
+        stream.finish(getattr(est, "n_iter_", None))
+    return xy
+
+
+class _TsneProgress(io.TextIOBase):
+    """Turns scikit-learn's verbose t-SNE lines (``[t-SNE] Iteration 50: ...``) into a tqdm bar
+    instead of printing them: neighbours first, then one step per 50 iterations."""
+
+    _ITER = re.compile(r"\[t-SNE\] Iteration (\d+)")
+
+    def __init__(self, total: int, n: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"t-SNE of {n:,} patches", unit="it", leave=False,
+                        file=sys.stderr, postfix="neighbours")
+
+    def write(self, text: str) -> int:
+        for m in self._ITER.finditer(text):
+            if self.bar.postfix:
+                self.bar.set_postfix_str("", refresh=False)
+            self.bar.update(max(0, min(int(m.group(1)), self.bar.total) - self.bar.n))
+        return len(text)
+
+    def finish(self, n_iter: int | None) -> None:
+        """The optimisation ended (``n_iter``: where it stopped early): the bar shows it done."""
+        final = max(self.bar.n, min(self.bar.total, n_iter or self.bar.total))
+        self.bar.total = final
+        self.bar.update(final - self.bar.n)
+        self.bar.refresh()
+
+    def __enter__(self) -> _TsneProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------- pictures
@@ -240,7 +287,7 @@ def describe(data: str | Path, out_dir: str | Path, *, n: int = 5000, seed: int 
         feats, how = pixel_features(images, seed), "pixels (PCA to 50 components)"
     else:
         feats, how = model_embeddings(model, images, device, progress=progress)
-    xy = tsne(feats, seed, perplexity)
+    xy = tsne(feats, seed, perplexity, progress=progress)
     plot_tsne(xy, y, names, colors, out / "tsne.png",
               f"t-SNE of {len(y):,} patches (seed {seed}) · {how}")
     plot_samples(images, y, names, out / "samples.png", seed)

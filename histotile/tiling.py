@@ -51,6 +51,7 @@ from histotile.batch import (
     resolve_shard,
 )
 from histotile.errors import InvalidArgumentError, NoTissueError
+from histotile.export.tissue_picture import tissue_picture
 from histotile.grid import make_grid
 from histotile.hpc import run_items
 from histotile.items import ItemKind, item_kind, item_stem, item_suffix
@@ -63,7 +64,7 @@ from histotile.patches import (
 )
 from histotile.slide import open_slide
 from histotile.stain import make_normalizer
-from histotile.tissue import detect_tissue, overlay
+from histotile.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
 DEFAULT_MPP = DEFAULT_TILE_MPP  # PatchCamelyon: 96 px at 10x (defined in histotile.options)
@@ -148,7 +149,7 @@ def tile_slide(
         kept, unreadable = _write_archive(archive, slide, grid, attrs, batch_size,
                                           _chain(stain, transform), progress, record)
         png = out_dir / f"{stem}.tissue.png"
-        _write_png(png, overlay(tissue, grid.subset(kept)))  # unreadable patches stay blank
+        _write_png(png, tissue_picture(tissue, grid.subset(kept)))  # unreadable patches stay blank
     return TileResult(str(slide_path), archive, png, len(kept), attrs, unreadable)
 
 

@@ -29,7 +29,6 @@ import numpy as np
 from histotile.errors import InvalidArgumentError, NotBrightfieldError
 
 if TYPE_CHECKING:
-    from histotile.grid import PatchGrid
     from histotile.slide import Slide
 
 log = logging.getLogger(__name__)
@@ -289,39 +288,3 @@ def detect_tissue(slide: Slide, method: str = "otsu", mask_mpp: float = MASK_MPP
         log.warning("%s: no tissue found (%s threshold %.3f)", slide.path, method, thr)
     return TissueMask(mask=mask, downsample=ds, mpp=mpp, thumbnail=thumb, method=method,
                       threshold=thr, illumination=light, unreadable=unreadable)
-
-
-def overlay(tissue: TissueMask, grid: PatchGrid | None = None, min_side: int = 1024) -> np.ndarray:
-    """Thumbnail with the mask tinted green, its outline, and the kept patch grid in blue."""
-    from PIL import Image, ImageDraw
-
-    thumb, mask = tissue.thumbnail, tissue.mask
-    scale = max(1, int(np.ceil(min_side / max(thumb.shape[:2]))))
-    tinted = thumb.copy()
-    green = 0.35 * np.array([0, 200, 0], np.float32)
-    for y in range(0, tinted.shape[0], 256):  # row blocks: no float copy of the thumbnail
-        rows, inside = tinted[y:y + 256], mask[y:y + 256]
-        rows[inside] = np.rint(0.65 * rows[inside].astype(np.float32) + green)
-    img = Image.fromarray(tinted)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    edge = _outline(mask)
-    if scale > 1:
-        edge = np.kron(edge, np.ones((scale, scale), bool))
-    pixels = np.asarray(img).copy()
-    pixels[edge] = (0, 120, 0)
-    img = Image.fromarray(pixels)
-    if grid is not None and len(grid):
-        draw = ImageDraw.Draw(img)
-        f = scale / tissue.downsample
-        size = float(grid.patch_size_level0) * f
-        for x, y in grid.coords:
-            x0, y0 = x * f, y * f
-            draw.rectangle([x0, y0, x0 + size - 1, y0 + size - 1], outline=(30, 60, 220))
-    return np.asarray(img)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
-
-    return mask & ~binary_erosion(mask, border_value=0)

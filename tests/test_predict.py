@@ -50,7 +50,7 @@ def test_all_outputs_and_run_json(cmu_out: Path, model28: Path) -> None:
 
     folder = cmu_out / "CMU-1-Small-Region"
     for name in ("heatmap.ome.zarr", "predictions.csv", "tiles.geojson.gz", "overlay.png",
-                 "tissue.png", "run.json"):
+                 "tissue.png", "tissue_mask.png", "run.json"):
         assert (folder / name).exists(), name
     assert not list(cmu_out.glob(".tmp-*")), "temporary folder left behind"
     run = json.loads((folder / "run.json").read_text())
@@ -120,9 +120,11 @@ def test_patch_probabilities_equal_model_on_patch_alone(cmu_out: Path) -> None:
 
 
 def check_overlay(folder: Path, rows: list[dict[str, str]]) -> float:
-    """At each patch centre the colour blended over the thumbnail in overlay.png is the colour
-    of the CSV's argmax (the overlay may be an enlarged thumbnail: try the scales it can have).
-    Returns the share of patch centres that agree."""
+    """Inside each patch box overlay.png is the thumbnail blended toward the colour of the CSV's
+    argmax (by an opacity that follows the patch's confidence; hatched stripes more): per pixel,
+    the class whose line thumbnail -> colour passes nearest, summed over the box's central half.
+    The overlay may be an enlarged thumbnail: try the scales it can have. Returns the share of
+    patches that agree."""
     from PIL import Image
 
     from histotile.slide import open_slide
@@ -138,20 +140,28 @@ def check_overlay(folder: Path, rows: list[dict[str, str]]) -> float:
     h, w = thumb.shape[:2]
     assert overlay.shape[0] >= h and overlay.shape[1] > w  # the legend is on the right
     size = int(rows[0]["width"]) / ds  # a patch's side in thumbnail px
-    # the central half of each patch box, averaged (resampling keeps local means)
     x0, y0 = (xy[:, 0] / ds + size / 4), (xy[:, 1] / ds + size / 4)
-    under = np.array([thumb[int(y):int(y + size / 2), int(x):int(x + size / 2)].mean((0, 1))
-                      for x, y in zip(x0, y0, strict=True)])
     want = np.array([names.index(r["label"]) for r in rows])
     best = 0.0
     for height in range(h, overlay.shape[0] + 1):
         f = height / h
-        px = np.array([overlay[int(y * f):int((y + size / 2) * f),
-                               int(x * f):int((x + size / 2) * f)].mean((0, 1))
-                       for x, y in zip(x0, y0, strict=True)])
-        tint = (px - 0.55 * under) / 0.45
-        nearest = np.abs(tint[:, None, :] - palette[None]).sum(axis=2).argmin(axis=1)
-        best = max(best, float((nearest == want).mean()))
+        width = round(w * f)
+        if width >= overlay.shape[1]:
+            break
+        under_img = np.asarray(Image.fromarray(thumb).resize(
+            (width, height), Image.Resampling.BILINEAR)).astype(float)
+        got = []
+        for x, y in zip(x0, y0, strict=True):
+            box = np.s_[int(y * f):int((y + size / 2) * f), int(x * f):int((x + size / 2) * f)]
+            px, under = overlay[box].reshape(-1, 3), under_img[box].reshape(-1, 3)
+            d = palette[None] - under[:, None]  # (pixels, classes, 3)
+            a = np.clip(((px - under)[:, None] * d).sum(2) / np.maximum((d * d).sum(2), 1e-9),
+                        0, 1)
+            miss = np.linalg.norm(under[:, None] + a[..., None] * d - px[:, None], axis=2)
+            got.append(int(miss.sum(axis=0).argmin()))
+        best = max(best, float((np.array(got) == want).mean()))
+        if best == 1.0:
+            break
     assert best > 0.9, f"only {best:.2f} of patch centres show the CSV's label colour"
     return best
 
@@ -174,7 +184,7 @@ def test_csv_zarr_and_overlay_agree(cmu_out: Path) -> None:
     assert {int(r["width"]) for r in rows} == {attrs["patch_size_level0"]}
     check_overlay(folder, rows)
     run = json.loads((folder / "run.json").read_text())
-    tissue = np.asarray(Image.open(folder / "tissue.png")) > 0
+    tissue = np.asarray(Image.open(folder / "tissue_mask.png")) > 0
     assert tissue.shape == tuple(run["tissue"]["mask_shape"])
     assert tissue.any() and not tissue.all()
 

@@ -7,8 +7,9 @@ import pytest
 from helpers import SHARED_DATA, TILES, real_data
 from PIL import Image
 
+from histotile.export.tissue_picture import tissue_picture
 from histotile.slide import open_slide
-from histotile.tissue import METHODS, detect_tissue, overlay, tissue_mask_rgb
+from histotile.tissue import METHODS, detect_tissue, tissue_mask_rgb
 
 # crops of the CMU slide made by tests/generate.py, plus ../shared/data/tiles when it is there
 NAMES = [t.removeprefix("tiles/") for t in TILES] + sorted(
@@ -45,5 +46,5 @@ def test_cmu_tissue(cmu_small, method):
         # tissue is darker and more saturated than what is left out
         gray = t.thumbnail.mean(axis=2)
         assert gray[t.mask].mean() < gray[~t.mask].mean() - 20
-    pic = overlay(t)
+    pic = tissue_picture(t)
     assert pic.ndim == 3 and pic.shape[2] == 3 and max(pic.shape[:2]) >= 1024

@@ -316,8 +316,10 @@ def plan_items(items: Sequence[str | os.PathLike[str]], shard: tuple[int, int] |
 
 def finish_summary(summary: BatchSummary, out: Path, stems: Sequence[str],
                    fingerprint: dict[str, Any], layout: Layout,
-                   print_summary: bool) -> BatchSummary:
-    """Settle busy items (``stems``: one per result), write the manifest, print the table."""
+                   print_summary: bool, reported: bool = False) -> BatchSummary:
+    """Settle busy items (``stems``: one per result), write the manifest, print the table
+    (``reported``: each failure was said as it happened, so the table names the failed items
+    without their messages)."""
     summary.results = [settle_busy(r, out, s, fingerprint, layout)
                        for r, s in zip(summary.results, stems, strict=True)]
     try:
@@ -325,7 +327,7 @@ def finish_summary(summary: BatchSummary, out: Path, stems: Sequence[str],
     except OSError as exc:  # e.g. a full disk: the results above still stand
         log.error("could not write the manifest: %s", error_line(exc))
     if print_summary:
-        print(summary.table(), file=sys.stderr)
+        print(summary.table(messages=not reported), file=sys.stderr)
     return summary
 
 
@@ -378,7 +380,8 @@ def run_batch(items: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLik
             write_manifest(manifest, summary.results)  # also when interrupted
     return finish_summary(summary, out, [s for _, s in pairs[:len(summary.results)]],
                           fingerprint, layout,
-                          print_summary if print_summary is not None else progress)
+                          print_summary if print_summary is not None else progress,
+                          reported=report is not None)
 
 
 def above_bar(bar: Any) -> contextlib.AbstractContextManager[Any]:

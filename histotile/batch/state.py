@@ -137,16 +137,18 @@ class BatchSummary:
             return EXIT_FAILED
         return EXIT_BUSY if self.busy else 0
 
-    def table(self) -> str:
-        return summary_table(self.results)
+    def table(self, messages: bool = True) -> str:
+        return summary_table(self.results, messages=messages)
 
     def busy_line(self) -> str | None:
         """The closing line of a run that left items to another run, else None."""
         return busy_line(self.results)
 
 
-def summary_table(results: Sequence[ItemResult], max_listed: int = 20) -> str:
-    """A short plain-text summary: counts, then one line per failed or busy item."""
+def summary_table(results: Sequence[ItemResult], max_listed: int = 20,
+                  messages: bool = True) -> str:
+    """A short plain-text summary: counts, then one line per failed or busy item (its name
+    only when ``messages`` is false: the errors were said as they happened)."""
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     total_s = sum(r.seconds for r in results)
     patches = sum(r.patches or 0 for r in results if r.status == "done")
@@ -155,7 +157,8 @@ def summary_table(results: Sequence[ItemResult], max_listed: int = 20) -> str:
     lines.append(f"{'total':<8} {len(results):>6}   {total_s:.1f} s, {patches} patches computed")
     listed = [r for r in results if r.status in ("failed", "busy")]
     for r in listed[:max_listed]:
-        lines.append(f"{r.status}: {Path(r.slide).name}: {r.error}")
+        lines.append(f"{r.status}: {Path(r.slide).name}"
+                     + (f": {r.error}" if messages or r.status != "failed" else ""))
     if len(listed) > max_listed:
         lines.append(f"... and {len(listed) - max_listed} more (see the manifest)")
     return "\n".join(lines)

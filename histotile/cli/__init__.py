@@ -65,10 +65,34 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     ctx.obj["quiet"] = quiet
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(levelname)s: %(message)s",
-    )
+    setup_logging(quiet)
+
+
+class TqdmLogHandler(logging.Handler):
+    """Writes log lines with ``tqdm.write``: on a line of their own above any progress bar,
+    never glued to one. tqdm is imported on the first line logged, not at ``--help``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            echo_err(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """``LEVEL: message`` lines on stderr through :class:`TqdmLogHandler` (INFO, or WARNING with
+    ``--quiet``); like ``logging.basicConfig``, nothing is added when the root logger already
+    has handlers (a host application's, pytest's)."""
+    handler = TqdmLogHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
+
+
+def echo_err(text: str) -> None:
+    """One line on stderr above any running progress bar (``tqdm.write``), never glued to it."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     except HistotileError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc.one_line()}", err=True)
+        echo_err(f"error: {exc.one_line()}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from histotile.cli import echo_err
 from histotile.options import BatchOptions, Cluster, Executor, choices, field_default
 
 BATCH_OPTION_NAMES = ("shard", "executor", "jobs", "cluster", "cluster_option", "overwrite")
@@ -119,7 +120,7 @@ def failure_line(result: Any) -> str:
 
 def print_failure(item: Any, result: Any) -> None:
     """``on_error`` of the commands: one ``error:`` line per failed item (Path, ItemResult)."""
-    click.echo(failure_line(result), err=True)
+    echo_err(failure_line(result))
 
 
 class FailureReporter:
@@ -136,11 +137,11 @@ class FailureReporter:
                 self.repeats[result.error].append(str(result.slide))
                 return
             self.repeats[result.error] = []
-        click.echo(failure_line(result), err=True)
+        echo_err(failure_line(result))
 
     def close(self) -> None:
         for others in self.repeats.values():
             if others:
                 shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-                click.echo(f"(the same error stopped {len(others)} more item"
-                           f"{'s' if len(others) > 1 else ''}: {shown})", err=True)
+                echo_err(f"(the same error stopped {len(others)} more item"
+                         f"{'s' if len(others) > 1 else ''}: {shown})")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from histotile.cli import echo_err
 from histotile.errors import HistotileError
 from histotile.options import PredictOptions, choices, field_default, field_type
 
@@ -18,10 +19,9 @@ def report_failure(subject: str, exc: Exception, debug: bool) -> None:
     if isinstance(exc, HistotileError):
         if exc.subject is None:
             exc.subject = subject
-        click.echo(f"error: {exc.one_line()}", err=True)
+        echo_err(f"error: {exc.one_line()}")
     else:
-        click.echo(f"error: {subject}: {type(exc).__name__}: {exc} (run with --debug for details)",
-                   err=True)
+        echo_err(f"error: {subject}: {type(exc).__name__}: {exc} (run with --debug for details)")
 
 
 def field_option(cls: type, name: str, *decls: str, help: str,  # noqa: A002 - click's name

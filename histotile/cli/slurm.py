@@ -40,7 +40,7 @@ def _script_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--partition", default=None),
         click.option("--mem", default=None, help="Memory per node, e.g. 32G."),
         click.option("--max-running", type=click.IntRange(min=1), default=None,
-                     help="At most this many tasks at once (--array=0-N%%K)."),
+                     help="At most this many tasks at once (--array=0-N%K)."),
         click.option("--setup", multiple=True, metavar="LINE",
                      help="Shell line run first in each task (module load ..., source venv).",),
         click.option("--command", "job_command", default="histotile predict", show_default=True,

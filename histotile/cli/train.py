@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -116,10 +117,25 @@ def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) 
     out = out_dir or Path(f"histotile-model-{Path(dataset).name}")
     folder = run_train(dataset, out, command=_command_line(ctx), progress=not quiet_flag(ctx),
                        **kw)  # type: ignore[arg-type]
+    from histotile.train.report import format_metric, small_validation_warning
+
     card = json.loads((folder / "model.json").read_text())
     val = card.get("metrics", {}).get("validation", {})
-    click.echo(f"wrote {folder} (validation accuracy {val.get('accuracy', float('nan')):.4f}, "
-               f"AUC {val.get('auc') or float('nan'):.4f})")
+    click.echo(f"wrote {folder} (validation accuracy {format_metric(val.get('accuracy'))}, "
+               f"AUC {format_metric(val.get('auc'))})")
+    warning = small_validation_warning(_validation_section(folder) or val)
+    if warning:
+        logging.getLogger("histotile.train").warning("%s", warning)
+
+
+def _validation_section(folder: Path) -> dict | None:
+    """``metrics.json``'s validation metrics (with per-class counts), when it has them."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    section = metrics.get("validation", metrics)
+    return section if isinstance(section, dict) and "n" in section else None
 
 
 @click.command("evaluate")
@@ -147,18 +163,29 @@ def evaluate(ctx: click.Context, model: str, dataset: str, **kw: Any) -> None:
 
     options = EvaluateOptions(**kw, progress=not quiet_flag(ctx))  # validated here
     m = run_evaluate(model, dataset, options)
+    click.echo("\n".join(evaluation_lines(m)))
+
+
+def evaluation_lines(m: dict) -> list[str]:
+    """What ``evaluate`` prints: the metrics with their 95% CIs and, with ``--compare``, the
+    other model's figures and the paired tests' rounded p-values."""
+    from histotile.train.report import format_metric, format_p_value
+
     ci = m.get("ci", {})
     lines = [f"{m['model']} on {m['dataset']} ({m['split_source']}, n={m.get('n', '?')})"]
     for key in ("accuracy", "balanced_accuracy", "auc"):
         if m.get(key) is not None:
             bounds = ci.get(key)
-            extra = f"  95% CI {bounds[0]:.4f}-{bounds[1]:.4f}" if bounds else ""
-            lines.append(f"  {key:<18} {m[key]:.4f}{extra}")
+            extra = (f"  95% CI {format_metric(bounds[0])}-{format_metric(bounds[1])}"
+                     if bounds else "")
+            lines.append(f"  {key:<18} {format_metric(m[key])}{extra}")
     if "comparison" in m:
         c = m["comparison"]
         acc, auc, mc = c.get("accuracy", {}), c.get("auc", {}), c.get("mcnemar", {})
-        lines.append(f"  vs {c.get('other_model')}: accuracy {acc.get('b', float('nan')):.4f} "
-                     f"(difference {acc.get('difference', float('nan')):+.4f}, "
-                     f"{mc.get('test')} p={mc.get('p_value')}); AUC {auc.get('b')} "
-                     f"({auc.get('test')} p={auc.get('p_value')})")
-    click.echo("\n".join(lines))
+        diff = acc.get("difference")
+        lines.append(f"  vs {c.get('other_model')}: accuracy {format_metric(acc.get('b'))} "
+                     f"(difference {'n/a' if diff is None else f'{diff:+.4f}'}, "
+                     f"{mc.get('test')} {format_p_value(mc.get('p_value'))}); "
+                     f"AUC {format_metric(auc.get('b'))} "
+                     f"({auc.get('test')} {format_p_value(auc.get('p_value'))})")
+    return lines

@@ -153,4 +153,5 @@ def run_with_dask(items: Sequence[str | os.PathLike[str]], out_dir: str | os.Pat
     done = [(r, s) for r, s in zip(results, stems, strict=True) if r is not None]
     summary = BatchSummary(shard=shard, results=[r for r, _ in done])
     return finish_summary(summary, out, [s for _, s in done], fingerprint, layout,
-                          print_summary if print_summary is not None else progress)
+                          print_summary if print_summary is not None else progress,
+                          reported=report is not None)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from histotile.archives import open_archive
+from histotile.confidence import ConfidenceTracker, domain_warning, run_record
 from histotile.errors import ModelError
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
@@ -42,6 +43,7 @@ def predict_archive(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str,
         stain, stain_info = ctx.patch_stain_step()
         stats = EngineStats()
         pred = np.empty(len(archive), np.int64)
+        confidence = ConfidenceTracker(len(archive))
         bar = progress_bar(len(archive), ctx.options.progress, item.name)
         path = tmp_dir / "predictions.csv"
         try:
@@ -53,6 +55,7 @@ def predict_archive(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str,
                                            on_batch=bar.update if bar is not None else None):
                     with timer("export"):
                         pred[idx] = probs.argmax(axis=1)
+                        confidence.add(idx, probs)
                         fh.write(_archive_rows(idx, probs, card.class_names, archive))
         finally:
             if bar is not None:
@@ -69,6 +72,9 @@ def predict_archive(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str,
             "engine": stats.to_dict(), "timings": timer.rounded(),
             "files": ["predictions.csv", "run.json"],
         }
+        summary, domain = confidence.summary(), card.domain.to_dict()
+        info["confidence"] = run_record(summary, domain,
+                                        domain_warning(summary, domain, card.name))
         if archive.labels is not None:
             info["labels"] = {"source": archive.labels_source}
             info.update(_accuracy(archive.labels, pred, card.num_classes, str(item)))

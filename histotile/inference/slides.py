@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from histotile.attention import cls_attention
+from histotile.confidence import ConfidenceTracker, domain_warning, run_record
 from histotile.errors import (
     CorruptSlideError,
     HistotileError,
@@ -38,8 +39,8 @@ from histotile.explain import (
 )
 from histotile.export.csv import PredictionsCSVWriter
 from histotile.export.ome_tiff import export_ome_tiff
-from histotile.export.overlay import write_mask_png, write_overlay
 from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter, write_merged
+from histotile.export.slide_pictures import write_slide_pictures
 from histotile.grid import make_grid
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
@@ -176,6 +177,7 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                          _attention_parts(heat, grid, ctx) if ctx.options.attention else
                          (None, None))
     labels = np.full(len(grid), -1, np.int32)  # argmax per patch, for the overlay
+    confidence = ConfidenceTracker(len(grid))  # unreadable patches stay NaN
     bar = progress_bar(len(grid), ctx.options.progress, seed)
     try:
         for idx, coords, probs, *maps in run_inference(
@@ -184,6 +186,7 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
                 stats=stats, on_batch=bar.update if bar is not None else None,
                 explain=explain, plan=ctx.compute):
             labels[idx] = probs.argmax(axis=1)
+            confidence.add(idx, probs)
             extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and ctx.options.gradcam
                      else None)
             with timer("stitch"):
@@ -205,8 +208,8 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
             table.write_unreadable(grid.coords[bad])
             table.close()
             geo.close()
-            _pictures(tmp_dir, tissue, grid, labels, ctx)
             info.update(_extra_outputs(tmp_dir, tissue, ctx, seed, stitcher, geo))
+            info.update(_pictures(tmp_dir, seed, tissue, grid, labels, confidence, ctx))
     except BaseException:
         for w in writers:
             with contextlib.suppress(Exception):
@@ -311,11 +314,13 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
     return info
 
 
-def _pictures(tmp_dir: Path, tissue: Any, grid: Any, labels: np.ndarray,
-              ctx: PredictContext) -> None:
+def _pictures(tmp_dir: Path, name: str, tissue: Any, grid: Any, labels: np.ndarray,
+              confidence: ConfidenceTracker, ctx: PredictContext) -> dict[str, Any]:
+    """overlay.png, tissue.png, tissue_mask.png; returns run.json's ``confidence``."""
     card = ctx.model.card
-    done = labels >= 0  # unreadable patches stay blank
-    write_mask_png(tmp_dir / "tissue.png", tissue.mask)
-    write_overlay(tmp_dir / "overlay.png", tissue.thumbnail, tissue.downsample,
-                  grid.coords[done], grid.patch_size_level0, labels[done], card.class_names,
-                  card.class_colors, tissue_mask=tissue.mask)
+    summary = confidence.summary()
+    domain = card.domain.to_dict()
+    warning = domain_warning(summary, domain, card.name)
+    write_slide_pictures(tmp_dir, name, tissue, grid, labels, confidence.top, card, summary,
+                         warning)
+    return {"confidence": run_record(summary, domain, warning)}

@@ -149,8 +149,20 @@ class Metrics(_Part):
         return bool(self.to_dict())
 
 
+@dataclass
+class Domain(_Part):
+    """What the model was made for: ``tissue`` (e.g. colorectal) and the least median top
+    probability a slide of it should give (``min_median_confidence``); predict warns under it
+    (:mod:`histotile.confidence`)."""
+
+    tissue: str | None = None
+    min_median_confidence: float | None = None
+    OPTIONAL_KEYS: ClassVar[frozenset[str]] = frozenset({"tissue", "min_median_confidence"})
+
+
 _PARTS: dict[str, Any] = {"architecture": Architecture, "weights": Weights, "stain": StainSpec,
-                          "input": InputNorm, "training": Training, "metrics": Metrics}
+                          "input": InputNorm, "training": Training, "metrics": Metrics,
+                          "domain": Domain}
 
 
 @dataclass
@@ -166,6 +178,7 @@ class ModelCard:
     stain: StainSpec = field(default_factory=StainSpec)
     training: Training = field(default_factory=Training)
     metrics: Metrics = field(default_factory=Metrics)
+    domain: Domain = field(default_factory=Domain)
     license: str = ""
     notes: str = ""
     description: str = ""

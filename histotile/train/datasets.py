@@ -25,21 +25,12 @@ from typing import Any
 import numpy as np
 
 from histotile.errors import DatasetError
+from histotile.palette import PATHMNIST_COLOURS, PCAM_COLOURS
 
 log = logging.getLogger(__name__)
 
-PATHMNIST_CLASSES = [
-    ("adipose", (255, 213, 79)),
-    ("background", (224, 224, 224)),
-    ("debris", (141, 110, 99)),
-    ("lymphocytes", (57, 73, 171)),
-    ("mucus", (129, 212, 250)),
-    ("smooth_muscle", (233, 30, 99)),
-    ("normal_colon_mucosa", (67, 160, 71)),
-    ("cancer_associated_stroma", (255, 152, 0)),
-    ("colorectal_adenocarcinoma_epithelium", (211, 47, 47)),
-]
-PCAM_CLASSES = [("normal", (67, 160, 71)), ("tumor", (211, 47, 47))]
+PATHMNIST_CLASSES = list(PATHMNIST_COLOURS.items())  # (name, colour), label order
+PCAM_CLASSES = list(PCAM_COLOURS.items())
 PCAM_MPP = 0.972  # Camelyon16 level 0 (0.243 µm/px) downsampled 4× (PCam paper)
 PATHMNIST_MPP_28 = 4.0  # NCT-CRC-HE-100K 224 px at 0.5 µm/px shrunk to 28 px
 PCAM_FILE = "camelyonpatch_level_2_split_{split}_{xy}.h5"

@@ -286,3 +286,42 @@ def _format_one(metrics: dict[str, Any]) -> str:
             lines.append(f"{name:<{width}}  {cells} {m.get('support', '-'):>6}")
     lines += [f"note: {note}" for note in metrics.get("notes") or []]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- printed lines
+MIN_VAL_IMAGES = 30  # fewer validation images than this: accuracy and AUC say little
+MIN_VAL_PER_CLASS = 5  # nor with a class that has fewer than this
+
+
+def format_p_value(p: float | None) -> str:
+    """``p = 0.031``, ``p < 0.001`` or ``p n/a`` (no test could be made)."""
+    if p is None or not np.isfinite(p):
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A metric to ``digits`` places, 0 as 0; ``n/a`` when it could not be computed."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def small_validation_warning(section: dict[str, Any]) -> str | None:
+    """One line when a validation set is too small for its figures to mean much: fewer than
+    :data:`MIN_VAL_IMAGES` images, or a class with fewer than :data:`MIN_VAL_PER_CLASS`."""
+    n = section.get("n")
+    small = {name: int(m.get("support", 0))
+             for name, m in (section.get("per_class") or {}).items()
+             if int(m.get("support", 0)) < MIN_VAL_PER_CLASS}
+    reasons = []
+    if n is not None and int(n) < MIN_VAL_IMAGES:
+        reasons.append(f"{int(n)} images (fewer than {MIN_VAL_IMAGES})")
+    if small:
+        listed = ", ".join(f"{name} {k}" for name, k in list(small.items())[:4])
+        more = f" and {len(small) - 4} more" if len(small) > 4 else ""
+        reasons.append(f"classes with fewer than {MIN_VAL_PER_CLASS} images ({listed}{more})")
+    if not reasons:
+        return None
+    return (f"the validation set is too small to mean much: {'; '.join(reasons)}; use more "
+            f"data, a larger --val-fraction, or a dataset with a validation split")
