@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,13 +95,14 @@ class Predictions:
     sizes: np.ndarray  # (n, 2) width, height
     probs: np.ndarray  # (n, C) float64 (exactly the written decimals)
     labels: np.ndarray  # (n,) str
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # columns after ``label``
 
     def __len__(self) -> int:
         return len(self.coords)
 
 
 def _header(path: Path, reader: Iterator[list[str]]) -> list[str]:
-    """Class names; columns after ``label`` (extra measurements) are ignored by the readers."""
+    """Class names (the columns after ``label`` are extra measurements, see :class:`Predictions`)."""
     header = next(reader, None)
     if not header or header[:4] != GEOMETRY_COLUMNS or "label" not in header:
         raise InvalidArgumentError(f"{path} is not a histotile predictions.csv",
@@ -116,25 +117,35 @@ def iter_predictions_csv(path: str | Path, chunk_rows: int = 20000) -> Iterator[
         raise InputNotFoundError(f"no predictions at {path}", "run histotile predict first")
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
-        names = _header(path, reader)
+        header = next(reader, None)
+        names = _header(path, iter([header] if header is not None else []))
+        extra = _extra_names(header)
         rows: list[list[str]] = []
         for row in reader:
             rows.append(row)
             if len(rows) >= chunk_rows:
-                yield _block(names, rows)
+                yield _block(names, rows, extra)
                 rows = []
         if rows:
-            yield _block(names, rows)
+            yield _block(names, rows, extra)
 
 
-def _block(names: list[str], rows: list[list[str]]) -> Predictions:
+def _extra_names(header: list[str]) -> list[str]:
+    """The measurement columns after ``label`` (e.g. ``gradcam_mean``; not ``status``)."""
+    return [h for h in header[header.index("label") + 1:] if h != "status"]
+
+
+def _block(names: list[str], rows: list[list[str]], extra: Sequence[str] = ()) -> Predictions:
     end = 4 + len(names)  # the label column
     rows = [r for r in rows if r[end]]  # unreadable patches have no label (nor probabilities)
     geo = np.asarray([r[:4] for r in rows], dtype=np.float64).reshape(-1, 4)
     if np.all(geo == np.rint(geo)):
         geo = geo.astype(np.int64)
     probs = np.asarray([r[4:end] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
-    return Predictions(names, geo[:, :2], geo[:, 2:], probs, np.asarray([r[end] for r in rows]))
+    more = {k: np.asarray([r[end + 1 + i] for r in rows], dtype=np.float64)
+            for i, k in enumerate(extra)}
+    return Predictions(names, geo[:, :2], geo[:, 2:], probs, np.asarray([r[end] for r in rows]),
+                       more)
 
 
 def read_predictions_csv(path: str | Path) -> Predictions:
@@ -150,4 +161,5 @@ def read_predictions_csv(path: str | Path) -> Predictions:
         blocks[0].class_names,
         np.concatenate([b.coords for b in blocks]), np.concatenate([b.sizes for b in blocks]),
         np.concatenate([b.probs for b in blocks]), np.concatenate([b.labels for b in blocks]),
+        {k: np.concatenate([b.extra[k] for b in blocks]) for k in blocks[0].extra},
     )

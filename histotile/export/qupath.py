@@ -258,7 +258,7 @@ def export_qupath(result_dir: str | Path, gzip: bool = True, object_type: str = 
         with GeoJSONTileWriter(out, names, colors, object_type, min_prob, gzip, seed) as writer:
             for block in iter_predictions_csv(result_dir / "predictions.csv"):
                 _check_names(block.class_names, names, result_dir)
-                writer.write(block.coords, block.probs, block.sizes)
+                writer.write(block.coords, block.probs, block.sizes, block.extra or None)
         written.append(out)
     if merge:
         written.append(write_merged(result_dir, names, colors, gzip, seed))
