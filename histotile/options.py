@@ -121,6 +121,19 @@ def _choice(name: str, value: Any, literal: Any) -> None:
                                    f"use one of {', '.join(allowed)}", subject=option_name(name))
 
 
+def _existing_path(obj: Any, name: str, example: str) -> None:
+    """An input file or folder option: it must exist; stored absolute (the same for every worker
+    and rerun)."""
+    value = getattr(obj, name)
+    if value is None:
+        return
+    if not os.path.exists(value):
+        raise InvalidArgumentError(f"{option_name(name)} {value} does not exist",
+                                   f"use e.g. {option_name(name)} {example}",
+                                   subject=option_name(name))
+    object.__setattr__(obj, name, os.path.abspath(value))
+
+
 def _device(value: str) -> None:
     if not DEVICE_PATTERN.match(str(value)):
         raise InvalidArgumentError(f"unknown device {value!r}",
@@ -231,6 +244,7 @@ class PredictOptions:
     ome_tiff: bool = False
     allow_darkfield: bool = False
     max_unreadable: float = DEFAULT_MAX_UNREADABLE
+    tissue_mask: str | None = None
     progress: bool = True
     command: str | None = None
     batch: BatchOptions = field(default_factory=BatchOptions)
@@ -252,6 +266,7 @@ class PredictOptions:
         _choice("qupath_object_type", self.qupath_object_type, QupathObjectType)
         _in_range("qupath_min_prob", self.qupath_min_prob, 0.0, 1.0, False, "0.5")
         _max_unreadable(self.max_unreadable)
+        _existing_path(self, "tissue_mask", "tissue.geojson")
         if self.attention and self.gradcam:
             raise InvalidArgumentError("--attention and --gradcam cannot be used together",
                                        "pick one map per run", subject="--attention")
@@ -281,6 +296,10 @@ class TileOptions:
     reference (``None``: the standard one). ``limit``: keep the first N patches.
     ``max_unreadable``: as :class:`PredictOptions` (undecodable patches are left out of the
     archive and recorded; above this share the slide fails).
+    ``tissue_mask``: a QuPath GeoJSON (or a folder of them, matched by slide) replacing tissue
+    detection. ``labels``: QuPath GeoJSON annotations (file or folder, matched by slide): only
+    patches with at least ``label_min_fraction`` of their area inside one class are kept, labelled
+    with it (a patch reaching it in two classes is dropped; unannotated tissue is left out).
     """
 
     patch_size: int = 96
@@ -297,8 +316,18 @@ class TileOptions:
     max_unreadable: float = DEFAULT_MAX_UNREADABLE
     batch_size: int = 256
     progress: bool = False
+    tissue_mask: str | None = None
+    labels: str | None = None
+    label_min_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        _existing_path(self, "tissue_mask", "tissue.geojson")
+        _existing_path(self, "labels", "annotations/")
+        _in_range("label_min_fraction", self.label_min_fraction, 0.0, 1.0, False, "0.5")
+        if self.label_min_fraction == 0:
+            raise InvalidArgumentError("--label-min-fraction 0 would label every patch",
+                                       "use e.g. --label-min-fraction 0.5",
+                                       subject="--label-min-fraction")
         _int_at_least("patch_size", self.patch_size, 1, "96")
         _positive_finite("mpp", self.mpp, "0.5")
         _int_at_least("level", self.level, 0, "0")

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from histotile import __version__
+from histotile.annotations import folder_identity, match_file, read_annotations
 from histotile.batch import (
     ITEM_PREFIX,
     BatchSummary,
@@ -51,10 +52,12 @@ from histotile.batch import (
     resolve_shard,
 )
 from histotile.errors import InvalidArgumentError, NoTissueError
+from histotile.export.tissue_geojson import write_tissue_geojson
 from histotile.export.tissue_picture import tissue_picture
 from histotile.grid import make_grid
 from histotile.hpc import run_items
 from histotile.items import ItemKind, item_kind, item_stem, item_suffix
+from histotile.labels import label_attrs, label_patches
 from histotile.options import DEFAULT_MAX_UNREADABLE, DEFAULT_TILE_MPP, TileOptions
 from histotile.patches import (
     iter_patch_batches,
@@ -64,7 +67,7 @@ from histotile.patches import (
 )
 from histotile.slide import open_slide
 from histotile.stain import make_normalizer
-from histotile.tissue import detect_tissue
+from histotile.tissue_source import tissue_for_slide, tissue_info
 
 log = logging.getLogger(__name__)
 DEFAULT_MPP = DEFAULT_TILE_MPP  # PatchCamelyon: 96 px at 10x (defined in histotile.options)
@@ -100,13 +103,18 @@ def tile_slide(
     extra_attrs: dict[str, Any] | None = None, stain_norm: str = "none",
     stain_target: str | Path | None = None, name: str | None = None,
     max_unreadable: float = DEFAULT_MAX_UNREADABLE,
+    tissue_mask: str | Path | None = None, labels: str | Path | None = None,
+    label_min_fraction: float = 0.5,
 ) -> TileResult:
     """Tile one slide (see the module docstring). ``transform`` maps uint8 (B, P, P, 3) batches
     before they are written (after the stain normalisation ``stain_norm`` "none"|"macenko",
     to the reference fitted on ``stain_target`` or the default); ``limit`` keeps the first N.
     ``name``: the files' stem (default :func:`histotile.items.item_stem` of the slide).
     ``max_unreadable``: the share of the grid that may be undecodable before
-    :class:`~histotile.errors.TooMuchUnreadableError` (nothing is written then)."""
+    :class:`~histotile.errors.TooMuchUnreadableError` (nothing is written then).
+    ``tissue_mask``: a GeoJSON (file or folder) replacing detection
+    (:func:`histotile.tissue_source.tissue_for_slide`); ``labels``: annotations (file or folder)
+    that keep and label patches (:mod:`histotile.labels`), written as ``y``."""
     if limit is not None and limit < 0:
         raise InvalidArgumentError(f"--limit {limit} is negative", "use 0 or more")
     if mpp is None and level is None:
@@ -118,12 +126,25 @@ def tile_slide(
     with open_slide(slide_path, backend=backend, slide_mpp=slide_mpp) as slide:
         if mpp is not None:
             slide.require_mpp()
-        tissue = detect_tissue(slide, method=tissue_method)
+        where = TileOptions(tissue_method=tissue_method,  # type: ignore[arg-type]
+                            tissue_mask=None if tissue_mask is None else str(tissue_mask))
+        tissue = tissue_for_slide(slide, where)
         grid = make_grid(slide, patch_size, target_mpp=mpp, level=level, overlap=overlap,
                          tissue=tissue, min_tissue=min_tissue)
+        y, label_info = None, {}
+        if labels is not None:
+            annotations = read_annotations(match_file(labels, slide_path))
+            found = label_patches(annotations, grid.coords, float(grid.patch_size_level0),
+                                  label_min_fraction)
+            grid, y = grid.subset(found.keep), found.y
+            label_info = label_attrs(found, item_stem(slide_path), annotations.source.name,
+                                     annotations.sha256, label_min_fraction)
         if limit is not None:
             grid = grid.subset(slice(0, limit))
-        grid = grid.subset(_region_order(grid, slide))  # contiguous writes, one read per region
+            y = None if y is None else y[:limit]
+        order = _region_order(grid, slide)  # contiguous writes, one read per region
+        grid = grid.subset(order)
+        y = None if y is None else y[order]
         if len(grid) == 0:
             log.warning("%s: no patch has tissue >= %.2f; writing an empty archive",
                         slide_path, min_tissue)
@@ -136,7 +157,7 @@ def tile_slide(
             **grid.to_attrs(), "tissue_threshold": tissue.threshold,
             "tissue_mask_mpp": tissue.mpp, "tissue_fraction_slide": tissue.fraction,
             "histotile_version": __version__, "layout": "PatchCamelyon x (N,P,P,3) uint8",
-            **stain_attrs, **(extra_attrs or {}),
+            **stain_attrs, **tissue_info(tissue), **label_info, **(extra_attrs or {}),
         }
         attrs = {k: v for k, v in attrs.items() if v is not None}
         archive = out_dir / f"{stem}.h5"
@@ -147,9 +168,11 @@ def tile_slide(
                                      "and run.json")
 
         kept, unreadable = _write_archive(archive, slide, grid, attrs, batch_size,
-                                          _chain(stain, transform), progress, record)
+                                          _chain(stain, transform), progress, record, y)
         png = out_dir / f"{stem}.tissue.png"
         _write_png(png, tissue_picture(tissue, grid.subset(kept)))  # unreadable patches stay blank
+        write_tissue_geojson(out_dir / f"{stem}.tissue.geojson", tissue.mask, tissue.downsample,
+                             id_seed=Path(slide_path).name)
     return TileResult(str(slide_path), archive, png, len(kept), attrs, unreadable)
 
 
@@ -197,6 +220,7 @@ def _region_order(grid: Any, slide: Any) -> np.ndarray:
 def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], batch_size: int,
                    transform: BatchTransform | None, progress: bool,
                    record: Callable[[list[int]], dict[str, Any]],
+                   y: np.ndarray | None = None,
                    ) -> tuple[np.ndarray, dict[str, Any]]:
     """Stream the readable patches into ``path``: (kept grid rows in archive order, the
     ``record`` of the unreadable rows, which may raise before anything is renamed)."""
@@ -230,6 +254,8 @@ def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], bat
             x.resize(written, axis=0)
             h5.create_dataset("coords", data=grid.coords[rows].astype(np.int64))
             h5.create_dataset("tissue_fraction", data=grid.tissue_fraction[rows].astype(np.float32))
+            if y is not None:  # PatchCamelyon's y: (N, 1, 1, 1) uint8, rows as written
+                h5.create_dataset("y", data=np.asarray(y, np.uint8)[rows].reshape(-1, 1, 1, 1))
             h5.attrs["unreadable_patches"] = info["patches"]
             h5.attrs["unreadable_fraction"] = info["fraction"]
             h5.attrs["unreadable_boxes_level0"] = np.asarray(info["boxes_level0"],
@@ -262,7 +288,8 @@ NEUTRAL_FIELDS = frozenset({"batch_size", "progress"})
 def tile_fingerprint(options: TileOptions) -> dict[str, Any]:
     """The resolved options that decide the archive (a finished slide with an equal fingerprint
     is skipped): every field of :class:`~histotile.options.TileOptions` but
-    :data:`NEUTRAL_FIELDS`, the default mpp made explicit, the stain reference image by content."""
+    :data:`NEUTRAL_FIELDS`, the default mpp made explicit, the stain reference image, the tissue
+    mask and the label annotations by content."""
     fp = {k: v for k, v in dataclasses.asdict(options).items() if k not in NEUTRAL_FIELDS}
     fp["mpp"] = options.target_mpp
     if options.stain_norm == "macenko" and options.stain_target is not None:
@@ -272,6 +299,9 @@ def tile_fingerprint(options: TileOptions) -> dict[str, Any]:
             raise InvalidArgumentError(f"cannot read the stain target ({exc.strerror})",
                                        "check the path", subject=options.stain_target) from None
         fp["stain_target_sha256"] = hashlib.sha256(data).hexdigest()
+    for name in ("tissue_mask", "labels"):  # by content: an edited export reruns its slides
+        fp[name] = folder_identity(fp[name], extra_dirs=name == "tissue_mask") if fp[name] \
+            else None
     fp["command"] = "tile"
     return fp
 

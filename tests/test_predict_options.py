@@ -29,7 +29,7 @@ OTHER_VALUE = {
     "cam_class": "a", "cam_layer": "features.3", "cam_resolution": 16.0, "attention": True,
     "geojson_plain": True, "qupath_object_type": "detection", "qupath_min_prob": 0.5,
     "qupath_merge": True, "ome_tiff": True, "allow_darkfield": True, "max_unreadable": 0.2,
-    "progress": False, "command": "histotile x",
+    "tissue_mask": __file__, "progress": False, "command": "histotile x",
     "batch": BatchOptions(executor="local", jobs=4, overwrite=True),
 }
 

@@ -84,13 +84,18 @@ P = PredictOptions
 @field_option(P, "max_unreadable", metavar="FRACTION",
               help="Fail a slide when more than this share of its patches cannot be decoded "
                    "(damaged tiles); below it they are recorded as unreadable.")
+@field_option(P, "tissue_mask", metavar="FILE|FOLDER",
+              help="QuPath GeoJSON tissue (objects classified Tissue or unclassified) replacing "
+                   "tissue detection; a folder holds one per slide (<stem>.geojson, "
+                   "<name>.geojson, or a previous run's <stem>/tissue.geojson).")
 @batch_options
 @click.pass_context
 def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values: Any) -> None:
     """Run a patch classifier over slides, folders of slides or patch archives.
 
     Per slide OUT_DIR/<stem>/ gets heatmap.ome.zarr, predictions.csv, tiles.geojson.gz,
-    overlay.png, tissue.png and run.json (written last; finished slides are skipped);
+    overlay.png, tissue.png, tissue.geojson (the mask used, editable in QuPath) and run.json
+    (written last; finished slides are skipped);
     --gradcam adds gradcam_overlay.png, --attention (ViT) attention_overlay.png,
     --qupath-merge classes.geojson.gz, --ome-tiff heatmap.ome.tif. Changing any of these
     options recomputes finished slides.

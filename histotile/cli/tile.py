@@ -42,6 +42,18 @@ from histotile.options import TileOptions
               help="Macenko-normalise the patches (fitted once per slide on 64 of its patches).")
 @click.option("--stain-target", type=click.Path(dir_okay=False), default=None,
               help="Image whose stains are the reference [default: the standard H&E one].")
+@click.option("--tissue-mask", type=click.Path(exists=True), default=None,
+              metavar="FILE|FOLDER",
+              help="QuPath GeoJSON tissue replacing detection (a folder: one per slide, "
+                   "<stem>.geojson, <name>.geojson or <stem>.tissue.geojson).")
+@click.option("--labels", type=click.Path(exists=True), default=None, metavar="FILE|FOLDER",
+              help="QuPath GeoJSON annotations (a folder: one per slide): keep only patches "
+                   "with at least --label-min-fraction of their area in one class, labelled "
+                   "with it (y); a patch reaching it in two classes is dropped; unannotated "
+                   "tissue is left out.")
+@click.option("--label-min-fraction", default=0.5, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True),
+              help="Share of a patch that must lie inside one class to be labelled.")
 @backend_option
 @field_option(TileOptions, "max_unreadable", metavar="FRACTION",
               help="Fail a slide when more than this share of its patches cannot be decoded "
@@ -52,11 +64,15 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
          mpp: float | None, level: int | None, slide_mpp: float | None, overlap: float,
          min_tissue: float, tissue_method: str, limit: int | None, stain_norm: str,
          stain_target: str | None, backend: str, max_unreadable: float,
+         tissue_mask: str | None, labels: str | None, label_min_fraction: float,
          **batch: object) -> None:
     """Cut tissue patches of SLIDES at a target mpp into PatchCamelyon-layout HDF5 archives.
 
     SLIDE: files, folders, globs or .txt/.csv lists, as for predict. Slides finished with the
     same options are skipped (--overwrite recomputes them); OUT/manifest.csv lists every slide.
+    Each slide also gets <stem>.tissue.geojson, the mask used (edit it in QuPath, pass it back
+    with --tissue-mask). With --labels the archives hold y, class_names and slide_name:
+    'histotile train OUT' trains on them, split by slide.
     """
     from histotile.cli.batch_options import pop_batch_options, print_failure, quiet_dask
     from histotile.tiling import tile as run_tile
@@ -69,7 +85,8 @@ def tile(ctx: click.Context, slides: tuple[str, ...], out: str, patch_size: int,
         patch_size=patch_size, mpp=mpp, level=level, slide_mpp=slide_mpp, overlap=overlap,
         min_tissue=min_tissue, tissue_method=tissue_method, limit=limit,  # type: ignore[arg-type]
         stain_norm=stain_norm, stain_target=stain_target, backend=backend,  # type: ignore[arg-type]
-        max_unreadable=max_unreadable)
+        max_unreadable=max_unreadable, tissue_mask=tissue_mask, labels=labels,
+        label_min_fraction=label_min_fraction)
     summary = run_tile(list(slides), out, options, progress=not quiet,
                        on_error="raise" if debug else print_failure,
                        **batch_opts.run_items_kwargs())

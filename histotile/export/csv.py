@@ -102,7 +102,7 @@ class Predictions:
 
 
 def _header(path: Path, reader: Iterator[list[str]]) -> list[str]:
-    """Class names (the columns after ``label`` are extra measurements, see :class:`Predictions`)."""
+    """Class names (columns after ``label`` are extra measurements: :class:`Predictions`)."""
     header = next(reader, None)
     if not header or header[:4] != GEOMETRY_COLUMNS or "label" not in header:
         raise InvalidArgumentError(f"{path} is not a histotile predictions.csv",

@@ -11,7 +11,9 @@ what decides the numbers:
   the sha256 of the reference's numbers (``auto`` and ``macenko`` can mean different references,
   and ``auto`` can mean no normalisation), plus the input mean/std;
 - ``device`` -> the device class (``cpu``, ``cuda``, ``mps``): CUDA runs in reduced precision,
-  which changes the last digits; the device index does not.
+  which changes the last digits; the device index does not;
+- ``tissue_mask`` -> ``{file name: sha256}`` of the mask file (or of the folder's masks): an
+  edited mask reruns, a moved one does not.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from histotile.models.card import ModelCard
 from histotile.models.loading import resolve_device
 from histotile.models.preprocess import Preprocessing
 from histotile.options import PredictOptions
+from histotile.tissue_source import mask_identity
 
 FINGERPRINT_VERSION = 2
 
@@ -33,7 +36,7 @@ FINGERPRINT_VERSION = 2
 NEUTRAL = frozenset({"workers", "batch_size", "progress", "command", "batch"})
 
 #: Fingerprinted fields whose value is replaced by what it resolves to (see the docstring).
-RESOLVED = frozenset({"model", "stain_norm", "device"})
+RESOLVED = frozenset({"model", "stain_norm", "device", "tissue_mask"})
 
 
 def model_identity(card: ModelCard) -> dict[str, Any]:
@@ -61,7 +64,8 @@ def derive_fingerprint(options: PredictOptions, card: ModelCard,
     """What decides the outputs of ``options`` with the model ``card``."""
     resolved = {"model": model_identity(card),
                 "stain_norm": stain_identity(Preprocessing.from_card(card, options.stain_norm)),
-                "device": resolve_device_class(options.device)}
+                "device": resolve_device_class(options.device),
+                "tissue_mask": mask_identity(options.tissue_mask)}
     out: dict[str, Any] = {"job": "predict", "fingerprint_version": FINGERPRINT_VERSION}
     for f in dataclasses.fields(options):
         if f.name in NEUTRAL:

@@ -41,6 +41,7 @@ from histotile.export.csv import PredictionsCSVWriter
 from histotile.export.ome_tiff import export_ome_tiff
 from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter, write_merged
 from histotile.export.slide_pictures import write_slide_pictures
+from histotile.export.tissue_geojson import write_tissue_geojson
 from histotile.grid import make_grid
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
@@ -48,7 +49,8 @@ from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
 from histotile.patches import plan_regions, sample_patches, unreadable_record
 from histotile.slide import open_slide
 from histotile.stitch import HeatmapWriter
-from histotile.tissue import detect_tissue, require_brightfield
+from histotile.tissue import require_brightfield
+from histotile.tissue_source import tissue_for_slide, tissue_info
 
 log = logging.getLogger(__name__)
 CAM_PIXELS_PER_PATCH = 8  # default --cam-resolution = patch_size_level0 / this
@@ -101,7 +103,7 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
     with slide:
         slide.require_mpp()
         with timer("tissue"):
-            tissue = detect_tissue(slide)
+            tissue = tissue_for_slide(slide, ctx.options)  # detected, or --tissue-mask
             if not ctx.options.allow_darkfield:
                 require_brightfield(tissue, str(item), DARKFIELD_HINT)
             grid = _grid(slide, tissue, ctx, item)
@@ -117,6 +119,8 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
             stain, stain_info = ctx.slide_stain_step(sample, str(item))
         stats, extra_info = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, ctx,
                                        timer)
+        write_tissue_geojson(tmp_dir / "tissue.geojson", tissue.mask, tissue.downsample,
+                             id_seed=Path(item).name)  # editable in QuPath, --tissue-mask
         slide_info = slide.info()
     timer.add("read", stats.read_s)
     timer.add("stain", stats.stain_s)
@@ -132,7 +136,7 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
         "tissue": {"method": tissue.method, "threshold": float(tissue.threshold),
                    "fraction": round(tissue.fraction, 4), "downsample": tissue.downsample,
                    "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape),
-                   "illumination": tissue.illumination.to_dict()},
+                   "illumination": tissue.illumination.to_dict(), **tissue_info(tissue)},
         "stain": stain_info,
         "settings": {"batch_size": ctx.options.batch_size, "workers": ctx.effective_workers(),
                      "min_tissue": ctx.options.min_tissue, "overlap": ctx.options.overlap,
