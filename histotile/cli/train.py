@@ -85,7 +85,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
-              help="Stratified hold-out when the data has no validation split.")
+              help="Stratified hold-out when the data has no validation split (archives of "
+                   "'tile --labels': this share of the slides, whole).")
 @click.option("--cv", type=click.IntRange(min=0), default=0,
               help="Also report k-fold cross-validated accuracy (k more trainings).")
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -99,8 +100,10 @@ def _command_line(ctx: click.Context) -> str:
 @click.pass_context
 def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) -> None:
     """Train a patch classifier on DATASET: pathmnist, pcam, a PCam-layout .h5, a Kaggle folder
-    (train/*.tif + train_labels.csv), an image folder (one sub-folder per class) or a tile archive
-    with --labels. Writes model.json, weights.safetensors, metrics and plots to the output folder.
+    (train/*.tif + train_labels.csv), an image folder (one sub-folder per class), a tile archive
+    with --labels, or the archives of 'histotile tile --labels' (their folder or one .h5;
+    validation holds whole slides out). Writes model.json, weights.safetensors, metrics and
+    plots to the output folder.
     """
     from histotile.errors import InvalidArgumentError
     from histotile.train import train as run_train

@@ -6,7 +6,9 @@
   read lazily: each DataLoader worker opens its own h5py handle;
 * a Kaggle "Histopathologic Cancer Detection" folder (``train/<id>.tif`` + ``train_labels.csv``);
 * an image folder (one sub-folder per class);
-* an HDF5 patch archive written by ``histotile tile`` (``x``) plus a labels CSV (``--labels``).
+* an HDF5 patch archive written by ``histotile tile`` (``x``) plus a labels CSV (``--labels``);
+* archives written by ``histotile tile --labels`` (one, or a folder of them): ``y``, class names
+  and slide names inside; validation holds whole slides out (:mod:`histotile.train.labelled`).
 
 Validation uses the official split when there is one, else a stratified ``val_fraction`` of train.
 """
@@ -26,6 +28,7 @@ import numpy as np
 
 from histotile.errors import DatasetError
 from histotile.palette import PATHMNIST_COLOURS, PCAM_COLOURS
+from histotile.train.labelled import is_labelled, labelled_in, read_labelled, split_by_slide
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,18 @@ class H5Patches(PatchSet):
 
             self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
         return np.asarray(self._h5[self.key][i])
+
+
+class ConcatPatches(PatchSet):
+    """Several patch sets one after the other (the archives of several slides)."""
+
+    def __init__(self, parts: list[PatchSet], labels: np.ndarray) -> None:
+        self.parts, self.labels, self.size = parts, np.asarray(labels, np.int64), parts[0].size
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def _image(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k]._image(i - int(self.starts[k]))
 
 
 class FilePatches(PatchSet):
@@ -201,6 +216,8 @@ def load_dataset(dataset: str | Path, data_dir: str | Path | None = None, *,
     if path.suffix == ".npz":
         return load_pathmnist(path, size, val_fraction, seed)
     if path.suffix in {".h5", ".hdf5"}:
+        if labels is None and is_labelled(path):
+            return load_labelled([path], size, val_fraction, seed, mpp)
         if labels is not None or not re.search(r"_x\.h5$", path.name):
             return load_archive(path, labels, size, val_fraction, seed, mpp)
         return load_pcam(path, size, val_fraction, seed)
@@ -209,6 +226,8 @@ def load_dataset(dataset: str | Path, data_dir: str | Path | None = None, *,
             return load_kaggle(path, size, val_fraction, seed)
         if list(path.glob("*_x.h5")):
             return load_pcam(path, size, val_fraction, seed)
+        if archives := labelled_in(path):
+            return load_labelled(archives, size, val_fraction, seed, mpp)
         return load_image_folder(path, size, val_fraction, seed, mpp)
     raise DatasetError("unrecognised dataset file", "use a .npz, an .h5 or a folder", subject=name)
 
@@ -481,6 +500,28 @@ def load_archive(path: Path, labels: str | Path | None, size: int | None, val_fr
         colors=[_PALETTE[i % len(_PALETTE)] for i in range(len(classes))],
         patch_size=size or native, mpp=mpp, files=files, val_source=source,
         description=f"patch archive {path.name}",
+    )
+
+
+def load_labelled(paths: list[Path], size: int | None, val_fraction: float, seed: int,
+                  mpp: float | None) -> DatasetSplits:
+    """Archives of ``histotile tile --labels``: class names from the archives, split by slide."""
+    found = read_labelled(paths)
+    native = found.patch_size
+    parts: list[PatchSet] = [H5Patches(p, np.zeros(n, np.int64), size=size if size and
+                                       size != native else None)
+                             for p, n in zip(found.paths, found.counts, strict=True)]
+    base = ConcatPatches(parts, found.labels)
+    tr, va, held = split_by_slide(found.slides, val_fraction, seed)
+    n_slides = len(set(found.slides.tolist()))
+    return DatasetSplits(
+        name="labelled-archives", train=base.subset(tr), val=base.subset(va), test=None,
+        class_names=found.class_names,
+        colors=[_PALETTE[i % len(_PALETTE)] for i in range(len(found.class_names))],
+        patch_size=size or native, mpp=mpp or _attr_mpp(found.attrs), files=found.paths,
+        val_source=f"by slide: {len(held)} of {n_slides} slides held out "
+                   f"({', '.join(held)}; seed {seed})",
+        description=f"{len(found.paths)} labelled tile archive(s) of {n_slides} slides",
     )
 
 
