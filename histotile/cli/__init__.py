@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("models", "models", "List and show the bundled models."),
     "explain": ("explain", "explain", "Grad-CAM / attention grids for patch archives."),
     "export": ("export", "export", "Re-export finished results (QuPath GeoJSON, OME-TIFF)."),
+    "render": ("render", "render", "Redraw a finished slide's pictures (class, threshold, ...)."),
     "describe": ("describe", "describe", "Dataset views: class balance, t-SNE, samples."),
     "slurm": ("slurm", "slurm", "Write, submit and follow SLURM array jobs."),
     "sample-data": ("sample_data", "sample_data", "Fetch (or find cached) sample data."),
