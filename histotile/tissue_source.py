@@ -35,7 +35,8 @@ TISSUE_PATTERNS = ("{stem}.tissue", "{stem}/tissue")
 
 @dataclass
 class GeoJSONTissueMask(TissueMask):
-    """A tissue mask read from a GeoJSON file (``method`` is ``"geojson"``)."""
+    """A tissue mask read from a GeoJSON file: ``method`` is ``"geojson"`` and ``threshold`` 0.5
+    (a mask pixel is tissue when its centre, coverage 1 of 0..1, is inside the areas)."""
 
     source: str = ""
     sha256: str = ""

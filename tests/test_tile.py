@@ -99,7 +99,8 @@ def test_pcam_archive_from_cmu(cmu_small, tmp_path):
     result = tile_slide(cmu_small, tmp_path, patch_size=96, mpp=0.972, min_tissue=0.5)
     assert result.archive == tmp_path / "CMU-1-Small-Region.h5"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "CMU-1-Small-Region.h5", "CMU-1-Small-Region.tissue.png"]  # no temp files left
+        "CMU-1-Small-Region.h5", "CMU-1-Small-Region.tissue.geojson",
+        "CMU-1-Small-Region.tissue.png"]  # no temp files left
     with h5py.File(result.archive) as f:
         x, coords = f["x"], f["coords"][:]
         assert x.dtype == np.uint8 and x.shape == (result.n_patches, 96, 96, 3)
@@ -353,7 +354,8 @@ def test_tile_resumes_skips_and_recomputes_on_new_options(cmu_small, tmp_path):
     assert [r.status for r in changed.results] == ["done"]
     run = json.loads((out / "CMU-1-Small-Region.run.json").read_text())
     assert run["fingerprint"]["limit"] == 7 and run["patches"] == 7
-    assert sorted(run["files"]) == ["CMU-1-Small-Region.h5", "CMU-1-Small-Region.tissue.png"]
+    assert sorted(run["files"]) == ["CMU-1-Small-Region.h5", "CMU-1-Small-Region.tissue.geojson",
+                                    "CMU-1-Small-Region.tissue.png"]
     with pytest.raises(Exception, match="--mpp"):
         histotile.tile(cmu_small, out, mpp=float("nan"))
 
