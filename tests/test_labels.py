@@ -171,3 +171,14 @@ def test_tile_labels_train_by_slide_then_predict(labelled: Path, two_slides: Pat
     rows = read_csv(tmp_path / "pred" / "slideA" / "predictions.csv")
     assert rows and {r["label"] for r in rows} <= {"Stroma", "Tumor"}
     assert set(rows[0]) >= {"prob_Stroma", "prob_Tumor"}
+
+
+def test_cv_over_labelled_archives_is_refused(labelled: Path, tmp_path: Path) -> None:
+    """k-fold CV draws folds over patches: with slide-labelled archives it would mix slides."""
+    from histotile.errors import InvalidArgumentError
+    from histotile.train import train
+
+    with pytest.raises(InvalidArgumentError, match="--cv"):
+        train(labelled, tmp_path / "m", epochs=1, cv=3, device="cpu", progress=False,
+              val_fraction=0.5)
+    assert not (tmp_path / "m" / "weights.safetensors").exists()

@@ -512,6 +512,10 @@ def train(dataset: str | Path, out_dir: str | Path = "histotile-model", arch: st
                       pretrained=pretrained)
     data = load_dataset(dataset, data_dir, download=download, size=size,
                         val_fraction=val_fraction, seed=seed, labels=labels, mpp=mpp)
+    if cv and cv > 1 and data.name == "labelled-archives":  # histotile.train.labelled
+        raise InvalidArgumentError("--cv folds are drawn over patches: patches of one slide "
+                                   "would be on both sides", "leave out --cv (the validation "
+                                   "split already holds whole slides out)", subject="--cv")
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
     command = command or default_command(dataset=str(dataset), out_dir=str(out_dir), arch=arch,
