@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_predict import make_untrained_model
+from helpers import make_untrained_model
 
 from histotile.export.csv import PredictionsCSVWriter, read_predictions_csv
 from histotile.export.qupath import export_qupath
@@ -76,6 +76,7 @@ def _render(args: list[str]) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # > 10 s on 2 cores: train + predict, or two predicts
 def test_render_redraws_pictures_without_model_or_torch(finished: Path, tmp_path: Path) -> None:
     from PIL import Image
 
