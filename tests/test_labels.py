@@ -152,7 +152,7 @@ def test_missing_annotations_for_a_slide_are_refused(two_slides: Path, tmp_path:
         tile_slide(two_slides / "slideA.svs", tmp_path, patch_size=PATCH, mpp=MPP, labels=empty)
 
 
-@pytest.mark.slow  # > 10 s on 2 cores: train + predict, or two predicts
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_tile_labels_train_by_slide_then_predict(labelled: Path, two_slides: Path,
                                                  tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,7 +76,7 @@ def _render(args: list[str]) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.slow  # > 10 s on 2 cores: train + predict, or two predicts
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_render_redraws_pictures_without_model_or_torch(finished: Path, tmp_path: Path) -> None:
     from PIL import Image
 

@@ -180,7 +180,7 @@ def test_tissue_mask_folder_without_the_slide_is_refused(cmu_small: Path, tmp_pa
         tile_slide(cmu_small, tmp_path / "out", tissue_mask=tmp_path / "broken.geojson")
 
 
-@pytest.mark.slow  # > 10 s on 2 cores: train + predict, or two predicts
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_predict_writes_tissue_geojson_and_reads_it_back(cmu_small: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
