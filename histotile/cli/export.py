@@ -1,4 +1,8 @@
-"""``histotile export``: re-export finished predict results (QuPath GeoJSON, OME-TIFF)."""
+"""``histotile export``: re-export finished predict results (QuPath GeoJSON, OME-TIFF).
+
+The narrower sibling of ``histotile render`` (:mod:`histotile.cli.render`): it needs only the
+result folder (CSV and zarr), not the slide, and draws no pictures.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ def _run_each(ctx: click.Context, dirs: list[Path],
 
 @click.group("export")
 def export() -> None:
-    """Re-export finished results (QuPath GeoJSON, OME-TIFF)."""
+    """Re-export finished results (QuPath GeoJSON, OME-TIFF); pictures: histotile render."""
 
 
 @export.command("qupath")

@@ -34,7 +34,9 @@ from histotile.cli.export import _result_dirs, _run_each
 @click.option("--qupath", is_flag=True, help="Also rewrite tiles.geojson.gz.")
 @click.option("--ome-tiff", is_flag=True, help="Also rewrite heatmap.ome.tif.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Write the pictures here [default: each result folder].")
+              default=None,
+              help="Write the pictures here [default: each result folder; --qupath and "
+                   "--ome-tiff always rewrite the result folder's files].")
 @click.pass_context
 def render(ctx: click.Context, result_dirs: tuple[Path, ...], out_dir: Path | None,
            slide: Path | None, **values: object) -> None:
