@@ -183,3 +183,28 @@ def test_cv_over_labelled_archives_is_refused(labelled: Path, tmp_path: Path) ->
         train(labelled, tmp_path / "m", epochs=1, cv=3, device="cpu", progress=False,
               val_fraction=0.5)
     assert not (tmp_path / "m" / "weights.safetensors").exists()
+
+
+def test_read_annotations_accepts_qupath_export_variants(tmp_path: Path) -> None:
+    """A bare list of features (older QuPath), .geojson.gz, a self-intersecting hand-drawn
+    outline (repaired), MultiPolygons, and lines/points (no area: skipped)."""
+    import gzip
+
+    from histotile.annotations import read_annotations
+
+    bowtie = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]},
+        "properties": {"classification": {"name": "Tumor", "color": [1, 2, 3]}}}
+    multi = {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
+        [[[200, 0], [300, 0], [300, 100], [200, 0]]], [[[400, 0], [500, 0], [500, 100],
+                                                        [400, 0]]]]},
+        "properties": {"classification": {"name": "Stroma", "color": [1, 2, 3]}}}
+    line = {"type": "Feature", "geometry": {"type": "LineString",
+                                            "coordinates": [[0, 0], [5, 5]]}, "properties": {}}
+    path = tmp_path / "a.geojson.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump([bowtie, multi, line], fh)
+    ann = read_annotations(path)
+    assert sorted(ann.by_class) == ["Stroma", "Tumor"] and ann.skipped == 1
+    assert ann.by_class["Tumor"].is_valid and ann.by_class["Tumor"].area == pytest.approx(5000)
+    assert ann.by_class["Stroma"].area == pytest.approx(10000)
