@@ -218,7 +218,8 @@ class PredictOptions:
     fluorescence / dark-field slide through the (brightfield) model instead of refusing it.
     ``max_unreadable``: the share of a slide's patches that may be undecodable (a damaged tile)
     before the slide fails; the rest is predicted and the unreadable ones recorded.
-    ``command``: the command line recorded in run.json (``None``: the Python call).
+    ``tissue_mask``: a QuPath GeoJSON (or a folder of them, matched by slide) replacing tissue
+    detection. ``command``: the command line recorded in run.json (``None``: the Python call).
     """
 
     model: str | None = None
