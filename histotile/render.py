@@ -84,10 +84,16 @@ def _thumbnail(result_dir: Path, run: dict[str, Any], options: RenderOptions
 
 
 def _tissue(result_dir: Path) -> np.ndarray | None:
+    """The tissue mask picture (``tissue_mask.png``; older runs: a grey ``tissue.png``)."""
     from PIL import Image
 
-    png = result_dir / "tissue.png"
-    return np.asarray(Image.open(png)) > 0 if png.exists() else None
+    for name in ("tissue_mask.png", "tissue.png"):
+        png = result_dir / name
+        if png.exists():
+            with Image.open(png) as im:
+                if im.mode in ("1", "L"):
+                    return np.asarray(im) > 0
+    return None
 
 
 def render(result_dir: str | Path, options: RenderOptions | None = None,
@@ -126,10 +132,17 @@ def render(result_dir: str | Path, options: RenderOptions | None = None,
         labels = np.zeros(len(preds), np.int64)
         shown = [f"{options.class_name} >= {options.threshold:g}"]
         shown_colors = [colors[k]]
+    top = preds.probs.max(axis=1, initial=0) if options.class_name is None else None
+    card = (run.get("model") or {}).get("card") or {}
     written.append(write_overlay(out / "overlay.png", thumb, ds, preds.coords[keep],
                                  size, labels[keep], shown, shown_colors,
                                  tissue_mask=tissue, alpha=options.opacity,
-                                 min_side=options.size))
+                                 min_side=options.size,
+                                 top_probability=None if top is None else top[keep],
+                                 slide_mpp=(run.get("mpp") or {}).get("slide_mpp"),
+                                 title=result_dir.name,
+                                 model=f"model {card.get('name', '?')} {card.get('version', '')}"
+                                 .rstrip() + " (re-rendered)"))
     store = result_dir / "heatmap.ome.zarr"
     if options.class_name is not None:
         heat, attrs = read_heatmap(store)
