@@ -6,12 +6,12 @@ Protocol (the same for every architecture):
 * a fixed stratified 80/20 split (scikit-learn ``train_test_split``, seed 0) written as a
   MedMNIST-layout npz: 800 ``train_*`` + 200 ``test_*`` images. The 200 test images are never
   seen in training nor used to pick an epoch;
-* ``histotile.train.train`` holds out a stratified 10 % of the 800 (seed 0) to pick the best
+* ``histotile.train`` holds out a stratified 10 % of the 800 (seed 0) to pick the best
   epoch; 720 images train. Recipe: Adam lr 1e-3, batch 32, ``--epochs`` epochs (default 5),
   lr ×0.1 at 50 %/75 %, flips/rot90/HED-jitter augmentation, seed 0, no pretraining;
-* XGBoost (``histotile.train.xgboost_baseline``) trains on the same 720, early-stops on the same
+* XGBoost (``histotile.training.xgboost``) trains on the same 720, early-stops on the same
   80 and is scored on the same 200;
-* ACC and macro one-vs-rest AUC on the 200 test images (``histotile.train.metrics``), with the
+* ACC and macro one-vs-rest AUC on the 200 test images (``histotile.training.metrics``), with the
   bootstrap 95 % CI of the accuracy; training time = wall time of the whole ``train()`` call
   (including the per-epoch validation), each architecture in its own process with
   ``torch.set_num_threads(1)``, two processes at a time (2 cores).
@@ -68,12 +68,12 @@ def run_one(arch: str, out: Path, epochs: int, threads: int) -> dict[str, Any]:
     folder = out / arch
     t0 = time.perf_counter()
     if arch == "xgboost":
-        from histotile.train.xgboost_baseline import train_xgboost
+        from histotile.training.xgboost import train_xgboost
 
         train_xgboost(data, folder, seed=0, val_fraction=0.1, n_jobs=threads, n_boot=1000,
                       progress=False)
     else:
-        from histotile.train import train
+        from histotile import train
 
         train(data, folder, arch=arch, epochs=epochs, batch_size=32, lr=1e-3, seed=0,
               val_fraction=0.1, device="cpu", progress=False, n_boot=1000, plots=False)

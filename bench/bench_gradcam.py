@@ -73,7 +73,7 @@ def bench_case(arch: str, data: str, batch: int, runs: int, device: torch.device
                ) -> dict[str, object]:
     from pytorch_grad_cam import GradCAM as LibraryCAM
 
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
     from histotile.models.architectures import build_model, default_cam_layer
 
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ _LAZY = {
     "open_slide": "histotile.slide:open_slide",
     "tile": "histotile.tiling:tile",
     "predict": "histotile.inference:predict",
-    "train": "histotile.train:train",
-    "evaluate": "histotile.train:evaluate",
+    "train": "histotile.training.api:train",
+    "evaluate": "histotile.training.evaluation:evaluate",
     "HistotileError": "histotile.errors:HistotileError",
 }
 

@@ -5,12 +5,12 @@
 * :func:`attention_rollout` — Abnar & Zuidema (2020): for every block the head-averaged
   attention plus the identity (residual), rows renormalised, multiplied from the first block to
   the last; the CLS row of the product, ``(B, g, g)``.
-* :func:`attention` — the ``"attention"`` entry for :data:`histotile.explain.METHODS`
+* :func:`attention` — the ``"attention"`` entry of :data:`histotile.explain.METHODS`
   (``(maps, probs)`` with the same call signature as Grad-CAM; head-averaged CLS row;
   ``"attention-rollout"`` is its rollout twin). Attention is class-agnostic: ``target`` and
   ``layer`` are accepted and ignored.
-* :func:`write_attention_grid` — one row per patch: the patch, each head, the head mean and the
-  rollout, overlaid on the patch.
+* :func:`all_maps` — per-head, head-mean and rollout maps for
+  :func:`histotile.export.figures.write_attention_grid`.
 
 The model must expose ``capture_attention(which)`` and ``attentions()`` (histotile's ``vit``).
 """
@@ -18,12 +18,12 @@ The model must expose ``capture_attention(which)`` and ``attentions()`` (histoti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histotile.errors import InvalidArgumentError, ModelError
+from histotile.errors import ModelError
+from histotile.gradcam import finish_maps
 
 if TYPE_CHECKING:
     import torch
@@ -46,15 +46,16 @@ def forward_with_attention(model: nn.Module, x: torch.Tensor, which: str = "last
     import torch
 
     _check_vit(model)
+    vit: Any = model  # histotile's ViT: capture_attention() and attentions()
     was_training = model.training
     model.eval()
-    model.capture_attention(which)
+    vit.capture_attention(which)
     try:
         with torch.no_grad():
             logits = model(x)
-        maps = [a.float() for a in model.attentions()]
+        maps = [a.float() for a in vit.attentions()]
     finally:
-        model.capture_attention(None)
+        vit.capture_attention(None)
         model.train(was_training)
     return torch.softmax(logits.float(), dim=1), maps
 
@@ -111,27 +112,12 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, discard_ratio: float = 
     return rollout(maps, discard_ratio), probs
 
 
-def _finish(maps: torch.Tensor, x: torch.Tensor, normalise: str,
-            size: int | tuple[int, int] | None) -> torch.Tensor:
-    from histotile.explain import NORMALISATIONS, minmax, upsample_cams
-
-    if normalise not in NORMALISATIONS:
-        raise InvalidArgumentError(f"unknown map normalisation {normalise!r}",
-                                   f"use one of {', '.join(NORMALISATIONS)}")
-    if normalise == "minmax":
-        maps = minmax(maps)
-    if size != 0:
-        maps = upsample_cams(maps, tuple(x.shape[-2:]) if size is None else size)
-        maps = minmax(maps) if normalise == "minmax" else maps
-    return maps.contiguous()
-
-
 def attention(model: nn.Module, x: torch.Tensor, *, layer: Any = None, target: Any = None,
               normalise: str = "minmax", size: int | tuple[int, int] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``METHODS["attention"]``: head-averaged raw CLS attention of the last block."""
     per_head, probs = cls_attention(model, x)
-    return _finish(per_head.mean(dim=1), x, normalise, size), probs
+    return finish_maps(per_head.mean(dim=1), x, normalise, size), probs
 
 
 def attention_rollout_method(model: nn.Module, x: torch.Tensor, *, layer: Any = None,
@@ -140,7 +126,7 @@ def attention_rollout_method(model: nn.Module, x: torch.Tensor, *, layer: Any = 
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``METHODS["attention-rollout"]``: attention rollout over all blocks."""
     maps, probs = attention_rollout(model, x)
-    return _finish(maps, x, normalise, size), probs
+    return finish_maps(maps, x, normalise, size), probs
 
 
 def all_maps(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -149,78 +135,3 @@ def all_maps(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
     heads = _to_grid(maps[-1][:, :, 0, 1:])
     return {"heads": heads.cpu().numpy(), "mean": heads.mean(1).cpu().numpy(),
             "rollout": rollout(maps).cpu().numpy(), "probs": probs.cpu().numpy()}
-
-
-def write_attention_grid(path: str | Path, patches: np.ndarray, maps: dict[str, np.ndarray], *,
-                         class_names: Sequence[str], true: np.ndarray | None = None,
-                         title: str = "ViT attention", alpha: float = 0.5) -> Path:
-    """PNG: one row per patch — the patch, each head's CLS attention, the mean, the rollout
-    (each min-max scaled per map, upsampled bilinearly, overlaid on the patch)."""
-    from histotile.explain import _save_figure, minmax_np, upsample_cams
-
-    n, p = len(patches), patches.shape[1]
-    heads = maps["heads"]
-    cols = [("patch", None)] + [(f"head {h + 1}", heads[:, h]) for h in range(heads.shape[1])]
-    cols += [("head mean", maps["mean"]), ("rollout", maps["rollout"])]
-    fig = _figure(1.25 * len(cols), 1.35 * n + 0.5)
-    pred = maps["probs"].argmax(1)
-    for c, (name, m) in enumerate(cols):
-        shown = None if m is None else minmax_np(upsample_cams(m, p))
-        for r in range(n):
-            ax = fig.add_subplot(n, len(cols), r * len(cols) + c + 1)
-            ax.imshow(patches[r], interpolation="nearest")
-            if shown is not None:
-                ax.imshow(shown[r], cmap="jet", alpha=alpha, vmin=0, vmax=1,
-                          interpolation="bilinear")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=8)
-            if c == 0:
-                label = f"pred {class_names[int(pred[r])][:14]}"
-                if true is not None:
-                    label += f"\ntrue {class_names[int(true[r])][:14]}"
-                ax.set_ylabel(label, fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return _save_figure(fig, Path(path))
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def explain_attention(model: str | Path | None, archive: str | Path, out_dir: str | Path, *,
-                      n: int = 8, split: str = "test", device: str = "auto") -> dict[str, Any]:
-    """Write ``attention_grid.png`` (heads, mean, rollout) for the first ``n`` patches of an
-    archive (PCam HDF5, MedMNIST npz, Kaggle folder) with a ViT model; returns a summary."""
-    import torch
-
-    from histotile.explain import load_model_and_patches
-    from histotile.models.preprocess import BatchPipeline
-
-    loaded, patches, labels = load_model_and_patches(model, archive, n, split, device)
-    card = loaded.card
-    x = BatchPipeline(card, loaded.device)(torch.from_numpy(patches))
-    maps = all_maps(loaded.module, x)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = write_attention_grid(out / "attention_grid.png", patches, maps,
-                                class_names=card.class_names, true=labels,
-                                title=f"ViT attention · {card.name} (last block CLS row; rollout)")
-    return {"grid": str(path), "n": len(patches), "heads": int(maps["heads"].shape[1]),
-            "grid_size": int(maps["heads"].shape[-1])}
-
-
-def register_methods() -> None:
-    """Add ``attention`` and ``attention-rollout`` to :data:`histotile.explain.METHODS` (called
-    when the ``vit`` architecture is registered)."""
-    from histotile.explain import METHODS
-
-    METHODS.setdefault("attention", attention)
-    METHODS.setdefault("attention-rollout", attention_rollout_method)

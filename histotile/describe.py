@@ -1,7 +1,7 @@
 """Dataset views: class balance, t-SNE, sample grids and summary statistics.
 
 ``describe(data, out_dir)`` (CLI ``histotile describe DATA -o DIR``) opens any training source
-:func:`histotile.train.datasets.load_dataset` reads (MedMNIST npz, PCam HDF5 folder or
+:func:`histotile.training.datasets.load_dataset` reads (MedMNIST npz, PCam HDF5 folder or
 ``*_x.h5``, Kaggle folder, image folder, tile archive + labels) and writes:
 
 * ``balance.png`` — class counts per split (all patches, labels only: no image is read);
@@ -27,9 +27,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histotile.errors import InvalidArgumentError, ModelError
+from histotile.export.figures import new_figure, save_figure
+from histotile.fileio import write_json
+from histotile.models.loading import load_model
+from histotile.models.preprocess import BatchPipeline
+from histotile.training.datasets import Subset, load_dataset
 
 if TYPE_CHECKING:
-    from histotile.train.datasets import DatasetSplits, PatchSet
+    from histotile.training.datasets import DatasetSplits, PatchSet
 
 log = logging.getLogger(__name__)
 SAMPLES_PER_CLASS = 8
@@ -38,7 +43,6 @@ SAMPLES_PER_CLASS = 8
 def _splits(data: DatasetSplits) -> dict[str, PatchSet]:
     """The data's own splits: a validation set held out by the loader goes back into train,
     and a set used for two splits (test-only npz) is counted once."""
-    from histotile.train.datasets import Subset
 
     out: dict[str, PatchSet] = {}
     if data.val_source != "official" and isinstance(data.train, Subset) \
@@ -94,8 +98,6 @@ def model_embeddings(model: str | Path, images: np.ndarray, device: str = "auto"
     from torch import nn
     from tqdm import tqdm
 
-    from histotile.models.loading import load_model
-    from histotile.models.preprocess import BatchPipeline
 
     loaded = load_model(model, device)
     card = loaded.card
@@ -178,22 +180,6 @@ class _TsneProgress(io.TextIOBase):
 
 
 # --------------------------------------------------------------------------- pictures
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
-
-
 def _rgb(colors: list[tuple[int, int, int]], k: int) -> tuple[float, ...]:
     return tuple(c / 255 for c in colors[k])
 
@@ -201,7 +187,7 @@ def _rgb(colors: list[tuple[int, int, int]], k: int) -> tuple[float, ...]:
 def plot_balance(counts: dict[str, list[int]], names: list[str],
                  colors: list[tuple[int, int, int]], path: Path, title: str) -> Path:
     """Horizontal stacked bars: patches per class, one segment per split, totals written."""
-    fig = _figure(7.5, 0.45 * len(names) + 1.6)
+    fig = new_figure(7.5, 0.45 * len(names) + 1.6)
     ax = fig.add_subplot(1, 1, 1)
     left = np.zeros(len(names))
     shades = {"train": 1.0, "val": 0.6, "test": 0.35}
@@ -220,12 +206,12 @@ def plot_balance(counts: dict[str, list[int]], names: list[str],
     ax.set_title(title, fontsize=9)
     if len(counts) > 1:
         ax.legend(title="split (shade)", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tsne(xy: np.ndarray, labels: np.ndarray, names: list[str],
               colors: list[tuple[int, int, int]], path: Path, title: str) -> Path:
-    fig = _figure(7.5, 6.0)
+    fig = new_figure(7.5, 6.0)
     ax = fig.add_subplot(1, 1, 1)
     size = 14 if len(xy) < 1000 else 5
     for k, name in enumerate(names):
@@ -237,17 +223,18 @@ def plot_tsne(xy: np.ndarray, labels: np.ndarray, names: list[str],
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, names: list[str], path: Path,
                  seed: int = 0, per_class: int = SAMPLES_PER_CLASS) -> Path:
     """A row of up to ``per_class`` random patches per class."""
     rng = np.random.default_rng(seed)
-    fig = _figure(1.1 * per_class + 2.2, 1.15 * len(names) + 0.4)
+    fig = new_figure(1.1 * per_class + 2.2, 1.15 * len(names) + 0.4)
     for k, name in enumerate(names):
         idx = np.flatnonzero(labels == k)
-        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        pick: np.ndarray = rng.choice(idx, size=min(per_class, len(idx)), replace=False) \
+            if len(idx) else np.zeros(0, np.int64)
         for j in range(per_class):
             ax = fig.add_subplot(len(names), per_class, k * per_class + j + 1)
             ax.set_xticks([])
@@ -258,7 +245,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, names: list[str], path:
                 ax.imshow(images[int(pick[j])], interpolation="nearest")
             if j == 0:
                 ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -267,8 +254,6 @@ def describe(data: str | Path, out_dir: str | Path, *, n: int = 5000, seed: int 
              size: int | None = None, mpp: float | None = None, device: str = "auto",
              perplexity: float = 30.0, progress: bool = True) -> dict[str, Any]:
     """Write balance.png, tsne.png, samples.png and summary.json; returns the summary."""
-    from histotile.train.datasets import load_dataset
-    from histotile.train.report import write_json
 
     if n < 3:
         raise InvalidArgumentError(f"-n must be at least 3, got {n}", "use e.g. -n 5000")

@@ -308,7 +308,7 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
     must keep ``plan.streams`` batches valid (``rebatch(..., buffers=streams + 1)``).
 
     ``explain``: ``factory(loaded) -> fn(x) -> (maps (b, h, w), probs (b, classes))``, built once
-    the model is loaded (e.g. a :class:`histotile.explain.GradCAM`); its pass replaces the plain
+    the model is loaded (e.g. a :class:`histotile.gradcam.GradCAM`); its pass replaces the plain
     forward (probabilities from the same pass) and items become ``(idx, probs, maps float32)``.
     """
     if plan is not None and plan.streams > 1 and explain is None and device.type == "cpu":

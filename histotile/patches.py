@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histotile.errors import TooMuchUnreadableError, UnreadableRegionError
+from histotile.resample import resize_patch
 from histotile.slide import level_to_level0
 
 if TYPE_CHECKING:
@@ -38,18 +39,6 @@ class Region:
 
     def __len__(self) -> int:
         return int(self.idx.shape[0])
-
-
-def resize_patch(patch: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (h, w, 3) uint8 patch to (size, size, 3): box (area) filter when shrinking,
-    bicubic when enlarging, untouched when already that size."""
-    h, w = patch.shape[:2]
-    if h == size and w == size:
-        return np.ascontiguousarray(patch)
-    from PIL import Image
-
-    method = Image.Resampling.BOX if (h >= size and w >= size) else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((size, size), method))
 
 
 def tile_size(slide: Slide, level: int) -> int:

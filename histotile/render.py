@@ -100,7 +100,7 @@ def render(result_dir: str | Path, options: RenderOptions | None = None,
            out_dir: str | Path | None = None) -> list[Path]:
     """Redraw the pictures (and, if asked, the exports) of one predict result folder into
     ``out_dir`` (default: the folder itself). Returns the written paths."""
-    from histotile.explain import write_gradcam_overlay, write_gradcam_overlay_from_store
+    from histotile.export.figures import write_gradcam_overlay, write_gradcam_overlay_from_store
     from histotile.export.overlay import write_overlay
     from histotile.stitch import open_heatmap, read_coverage, read_heatmap
 

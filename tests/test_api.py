@@ -8,10 +8,21 @@ import sys
 
 def test_entry_points_callable_after_submodule_import() -> None:
     code = (
-        "import histotile.tiling, histotile.inference, histotile.train, histotile\n"
+        "import histotile.tiling, histotile.inference, histotile.training.api, histotile\n"
+        "import inspect\n"
         "assert callable(histotile.tile) and callable(histotile.predict)\n"
         "assert callable(histotile.train) and callable(histotile.evaluate)\n"
-        "assert histotile.train.train is histotile.train.loop.train\n"
+        "assert histotile.train is histotile.training.api.train\n"
+        "assert inspect.isfunction(histotile.train) and inspect.isfunction(histotile.evaluate)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_issue16_train_is_a_plain_function_not_a_callable_package() -> None:
+    code = (
+        "import inspect, histotile, histotile.training\n"
+        "assert inspect.isfunction(histotile.train), type(histotile.train)\n"
+        "assert inspect.ismodule(histotile.training) and not callable(histotile.training)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -35,7 +35,7 @@ def small_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(data: Path, out: Path, arch: str, **kw: object) -> Path:
     import torch
 
-    from histotile.train import train
+    from histotile import train
 
     torch.manual_seed(0)
     return train(data, out, arch=arch, epochs=1, batch_size=16, max_steps=2, device="cpu",
@@ -171,7 +171,8 @@ def test_attention_needs_a_vit() -> None:
 
 @pytest.mark.slow  # ~2 s quiet, ~11 s busy
 def test_attention_grid_picture(tmp_path: Path) -> None:
-    from histotile.attention import all_maps, write_attention_grid
+    from histotile.attention import all_maps
+    from histotile.export.figures import write_attention_grid
 
     model = _tiny_vit()
     with np.load(real_data(PATHMNIST)) as npz:

@@ -16,7 +16,7 @@ import pytest
 from helpers import KAGGLE, PATHMNIST, kaggle_patches, real_data, write_pcam_h5
 
 from histotile.errors import ChecksumError, DatasetError
-from histotile.train.datasets import H5Patches, load_dataset, stratified_split
+from histotile.training.datasets import H5Patches, load_dataset, stratified_split
 
 
 def test_pathmnist_subset_stratified_split() -> None:
@@ -132,7 +132,7 @@ def test_image_folder(tmp_path: Path) -> None:
         dest.mkdir(exist_ok=True)
         shutil.copy(src / "train" / f"{i}.tif", dest / f"{i}.tif")
     with pytest.raises(DatasetError, match="--mpp"):
-        from histotile.train import train
+        from histotile import train
 
         train(tmp_path, tmp_path.parent / f"{tmp_path.name}-model", epochs=1, val_fraction=0.34,
               progress=False, device="cpu", max_steps=1)
@@ -219,7 +219,7 @@ def flaky_server(tmp_path: Path):
 
 
 def test_download_pathmnist_resumes_and_verifies(tmp_path: Path, flaky_server) -> None:
-    from histotile.train.download_data import download_pathmnist
+    from histotile.training.download_data import download_pathmnist
 
     root, base, handler = flaky_server
     src = real_data(PATHMNIST)
@@ -237,7 +237,7 @@ def test_download_pathmnist_resumes_and_verifies(tmp_path: Path, flaky_server) -
 
 
 def test_download_checksum_mismatch_refused(tmp_path: Path, flaky_server) -> None:
-    from histotile.train.download_data import download_pathmnist
+    from histotile.training.download_data import download_pathmnist
 
     root, base, handler = flaky_server
     handler.cut_first = False
@@ -250,7 +250,7 @@ def test_download_checksum_mismatch_refused(tmp_path: Path, flaky_server) -> Non
 
 def test_download_via_load_dataset(tmp_path: Path, flaky_server, monkeypatch) -> None:
     """``--download`` through the dataset entry point (the official URL points at the server)."""
-    from histotile.train import download_data
+    from histotile.training import download_data
 
     root, base, handler = flaky_server
     src = real_data(PATHMNIST)
@@ -263,7 +263,7 @@ def test_download_via_load_dataset(tmp_path: Path, flaky_server, monkeypatch) ->
 
 
 def test_download_pcam_gunzips(tmp_path: Path, flaky_server) -> None:
-    from histotile.train.download_data import download_pcam
+    from histotile.training.download_data import download_pcam
 
     root, base, handler = flaky_server
     handler.cut_first = False

@@ -22,7 +22,7 @@ def _pictures_ok(folder: Path) -> None:
     for name in PICTURES:
         with Image.open(folder / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200, name
-    assert not list(folder.glob("*.tmp"))
+    assert not list(folder.glob(".*.tmp*")) and not list(folder.glob("*.tmp"))
 
 
 @pytest.mark.slow  # t-SNE of the 1,000-image subset
@@ -92,8 +92,8 @@ def test_pcam_hdf5_derived(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # t-SNE of 1,000 embeddings
 def test_tsne_on_model_embeddings(tmp_path: Path) -> None:
+    from histotile import train
     from histotile.describe import describe
-    from histotile.train import train
 
     npz = real_data(PATHMNIST)
     model = train(npz, tmp_path / "m", arch="smallcnn", epochs=1, max_steps=1, batch_size=32,

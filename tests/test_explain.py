@@ -56,7 +56,7 @@ def pcam_h5(folder: Path) -> Path:
 def pcam_model(tmp_path_factory) -> Path:
     """A smallcnn trained by histotile (2 epochs) on the PCam-layout HDF5 derived from the real
     Kaggle patches: a PCam-style model folder (barely trained: 10 patches)."""
-    from histotile.train.loop import train
+    from histotile import train
 
     folder = tmp_path_factory.mktemp("pcam")
     h5 = pcam_h5(folder)
@@ -78,7 +78,7 @@ def test_maps_equal_the_grad_cam_package(arch, data, target):
     from pytorch_grad_cam import GradCAM as LibraryCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
     from histotile.models.architectures import default_cam_layer
 
     x, _ = kaggle_patches() if data == "pcam" else pathmnist_patches(16)
@@ -98,7 +98,7 @@ def test_maps_equal_the_grad_cam_package(arch, data, target):
 
 
 def test_batch_equals_per_patch_and_model_is_left_as_found():
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
 
     x, _ = kaggle_patches()
     model = seeded_model("resnet18", 2, 96)
@@ -120,7 +120,7 @@ def test_batch_equals_per_patch_and_model_is_left_as_found():
 
 def test_low_precision_autocast_gives_float32_maps_close_to_fp32():
     """CPU bf16 autocast stands in for CUDA autocast (no GPU here): maps come back float32."""
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
 
     x = as_input(pathmnist_patches(8)[0])
     model = seeded_model("smallcnn", 9, 28)
@@ -135,7 +135,7 @@ def test_low_precision_autocast_gives_float32_maps_close_to_fp32():
 def test_raw_map_mean_is_the_logit_for_a_pooled_head():
     """For a GAP + linear head, the pre-ReLU Grad-CAM mean is (logit - bias) / (h*w): checks the
     gradient weights; a ReLU'd map is at least that mean."""
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
 
     x, _ = kaggle_patches()
     model = seeded_model("resnet18", 2, 96)
@@ -149,7 +149,7 @@ def test_raw_map_mean_is_the_logit_for_a_pooled_head():
 
 def test_bad_layer_and_target_raise_clear_errors():
     from histotile.errors import InvalidArgumentError
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
 
     model = seeded_model("smallcnn", 9, 28)
     with pytest.raises(InvalidArgumentError, match="no layer"):
@@ -161,7 +161,7 @@ def test_bad_layer_and_target_raise_clear_errors():
 
 # --------------------------------------------------------------------------- statistics
 def test_centre_mass_on_hand_made_maps():
-    from histotile.explain import centre_mass
+    from histotile.gradcam import centre_mass
 
     maps = np.zeros((3, 96, 96), np.float32)  # generated edge cases
     maps[0, 32:64, 32:64] = 1  # all inside
@@ -179,8 +179,7 @@ def test_centre_mass_on_hand_made_maps():
 # --------------------------------------------------------------------------- stitching
 def _stitch(tmp_path: Path, indices: np.ndarray, grid_shape: tuple[int, int], raw: np.ndarray,
             stride: int, patch: int, res: int, scale: float | None = None, order=None):
-    from histotile.explain import CamStitcher, read_gradcam
-    from histotile.stitch import HeatmapWriter
+    from histotile.stitch import CamStitcher, HeatmapWriter, read_gradcam
 
     attrs = {"origin_level0": [0, 0], "stride_level0": stride, "patch_size_level0": patch,
              "slide_mpp": 0.972}
@@ -199,7 +198,7 @@ def _stitch(tmp_path: Path, indices: np.ndarray, grid_shape: tuple[int, int], ra
 
 
 def _real_raw_cams() -> np.ndarray:
-    from histotile.explain import GradCAM
+    from histotile.gradcam import GradCAM
 
     x, _ = kaggle_patches()
     model = seeded_model("resnet18", 2, 96)
@@ -213,7 +212,7 @@ def test_stitched_map_at_a_patch_equals_its_cam(tmp_path):
     import zarr
     from ome_zarr_models.v04 import Image
 
-    from histotile.explain import upsample_cams
+    from histotile.resample import upsample_maps as upsample_cams
 
     raw = _real_raw_cams()
     indices = np.array([(c, r) for r in range(2) for c in range(3)], np.int64)
@@ -232,7 +231,7 @@ def test_stitched_map_at_a_patch_equals_its_cam(tmp_path):
 
 
 def test_overlapping_patches_are_averaged_with_a_given_scale(tmp_path):
-    from histotile.explain import upsample_cams
+    from histotile.resample import upsample_maps as upsample_cams
 
     raw = _real_raw_cams()
     indices = np.array([(c, r) for r in range(2) for c in range(3)], np.int64)
@@ -307,16 +306,12 @@ def test_slide_level_gradcam_on_the_sample_slide(cmu_small, tmp_path):
     import zarr
     from ome_zarr_models.v04 import Image
 
-    from histotile.explain import (
-        CamStitcher,
-        GradCAM,
-        read_gradcam,
-        write_gradcam_overlay_from_store,
-    )
+    from histotile.export.figures import write_gradcam_overlay_from_store
+    from histotile.gradcam import GradCAM
     from histotile.grid import make_grid
     from histotile.patches import iter_patch_batches
     from histotile.slide import open_slide
-    from histotile.stitch import HeatmapWriter
+    from histotile.stitch import CamStitcher, HeatmapWriter, read_gradcam
     from histotile.tissue import detect_tissue
 
     model = seeded_model("smallcnn", 9, 28)

@@ -31,7 +31,7 @@ def test_csv_is_streamed_atomically_and_reads_back(tmp_path):
     path = tmp_path / "predictions.csv"
     with PredictionsCSVWriter(path, CLASSES, 224) as table:
         table.write(coords[:2], probs[:2])
-        assert not path.exists() and path.with_name("predictions.csv.tmp").exists()
+        assert not path.exists() and table.tmp.exists()
         table.write(coords[2:], probs[2:])
     assert path.read_text().splitlines()[0] == \
         "minx,miny,width,height,prob_tumor,prob_stroma,prob_background,label"

@@ -21,6 +21,7 @@ from histotile.export.qupath import (
     export_qupath,
     merge_classes,
     open_geojson,
+    write_feature_collection,
 )
 from histotile.stitch import level0_to_heatmap_pixel, read_coverage, read_heatmap
 
@@ -215,3 +216,32 @@ def test_bad_writer_arguments_raise_clear_errors(tmp_path):
 
     with pytest.raises(InputNotFoundError):
         export_qupath(tmp_path / "missing")
+
+
+def test_issue17_item15_tiles_geojson_gz_is_byte_identical_across_runs(tmp_path, monkeypatch):
+    """gzip stored the write time (and the temporary file's name) in its header, so two runs
+    wrote different bytes; now the header holds mtime 0 and no name."""
+    import gzip
+    import time
+
+    coords = np.array([[0, 0], [224, 0], [448, 224]])
+    probs = generated_probs(3)
+    outputs = []
+    for run, clock in enumerate((1_000_000.0, 2_000_000.0)):
+        monkeypatch.setattr(time, "time", lambda clock=clock: clock)
+        folder = tmp_path / f"run{run}"
+        folder.mkdir()
+        with GeoJSONTileWriter(folder / "tiles.geojson.gz", CLASSES, COLORS,
+                               id_seed="slide.svs") as tiles:
+            tiles.write(coords, probs, 224)
+        features = merge_classes(np.array([[0, 1], [-1, 1]]), (0, 0), 224, CLASSES, COLORS,
+                                 id_seed="slide.svs")
+        merged = write_feature_collection(folder / "classes.geojson.gz", features)
+        outputs.append([(folder / "tiles.geojson.gz").read_bytes(), merged.read_bytes()])
+    monkeypatch.undo()
+    assert outputs[0] == outputs[1]
+    head = outputs[0][0][:10]
+    assert head[3] == 0 and head[4:8] == b"\0\0\0\0"  # no name flag, mtime 0
+    assert len(load(tmp_path / "run0" / "tiles.geojson.gz")) == 3
+    with gzip.open(tmp_path / "run1" / "tiles.geojson.gz", "rt") as fh:
+        assert json.load(fh)["type"] == "FeatureCollection"

@@ -16,8 +16,8 @@ from histotile.errors import DatasetError, InputNotFoundError
 from histotile.labels import label_patches
 from histotile.options import TileOptions
 from histotile.tiling import tile, tile_slide
-from histotile.train.datasets import load_dataset
-from histotile.train.labelled import split_by_slide
+from histotile.training.datasets import load_dataset
+from histotile.training.labelled import split_by_slide
 
 PATCH, MPP = 48, 2.0  # 192 level-0 px per patch on the CMU slide (0.499 um/px)
 # level-0 rectangles (x0, y0, x1, y1); tumor and stroma overlap on x in [1100, 1300)
@@ -176,8 +176,8 @@ def test_tile_labels_train_by_slide_then_predict(labelled: Path, two_slides: Pat
 
 def test_cv_over_labelled_archives_is_refused(labelled: Path, tmp_path: Path) -> None:
     """k-fold CV draws folds over patches: with slide-labelled archives it would mix slides."""
+    from histotile import train
     from histotile.errors import InvalidArgumentError
-    from histotile.train import train
 
     with pytest.raises(InvalidArgumentError, match="--cv"):
         train(labelled, tmp_path / "m", epochs=1, cv=3, device="cpu", progress=False,

@@ -116,7 +116,7 @@ def test_issue15_describe_shows_tsne_progress(capsys):
 
 def test_issue15_evaluate_prints_rounded_p_values():
     from histotile.cli.train import evaluation_lines
-    from histotile.train.report import format_p_value
+    from histotile.training.report import format_p_value
 
     assert format_p_value(0.031234) == "p = 0.031"
     assert format_p_value(0.00002) == "p < 0.001"
@@ -155,7 +155,7 @@ def test_issue15_train_prints_auc_zero_as_zero_and_warns_on_tiny_validation(
 
 
 def test_small_validation_warning_thresholds():
-    from histotile.train.report import format_metric, small_validation_warning
+    from histotile.training.report import format_metric, small_validation_warning
 
     big = {"n": 200, "per_class": {"a": {"support": 100}, "b": {"support": 100}}}
     assert small_validation_warning(big) is None

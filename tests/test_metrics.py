@@ -29,8 +29,8 @@ from sklearn.metrics import (
 )
 
 from histotile.errors import InvalidArgumentError
-from histotile.train import metrics as M
-from histotile.train.report import format_metrics_table, history_columns, write_report
+from histotile.training import metrics as M
+from histotile.training.report import format_metrics_table, history_columns, write_report
 
 # MedMNIST v2 PathMNIST label names (NCT-CRC-HE-100K), in label order.
 PATHMNIST_NAMES = ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth_muscle",
@@ -436,3 +436,17 @@ def test_report_and_table_for_nested_training_metrics(pathmnist: dict, tmp_path)
     text = format_metrics_table(nested)
     assert "== validation ==" in text and "== test ==" in text
     assert f"{val['accuracy']:.3f}" in text and f"{test['accuracy']:.3f}" in text
+
+
+def test_issue16_auc_keeps_exact_ties_as_scikit_learn() -> None:
+    """metrics rescaled every row to sum to 1, which broke exact ties by rounding noise: macro AUC
+    0.375 here against scikit-learn's 0.333 (rows of two-decimal probabilities)."""
+    probs = np.array([[0.15, 0.46, 0.39], [0.45, 0.36, 0.19], [0.58, 0.33, 0.09],
+                      [0.11, 0.22, 0.67], [0.5, 0.33, 0.17], [0.2, 0.33, 0.47]])
+    y = np.array([0, 0, 1, 1, 2, 2])
+    want = roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert want == pytest.approx(1 / 3)
+    m = M.compute_metrics(y, probs, ["a", "b", "c"], n_boot=0)
+    assert m["auc"] == want
+    for k, name in enumerate(["a", "b", "c"]):
+        assert m["per_class"][name]["auc"] == roc_auc_score(y == k, probs[:, k])

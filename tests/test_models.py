@@ -50,11 +50,11 @@ def test_resnet_small_input_stem() -> None:
 
 
 def test_register_new_architecture_and_unknown_name() -> None:
-    @register("tiny-test-net", cam_layer="0")
     def tiny(num_classes: int, patch_size: int) -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
                                    torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
 
+    register("tiny-test-net", tiny, cam_layer="0")
     try:
         assert build_model("tiny-test-net", 3, 16)(torch.rand(1, 3, 16, 16)).shape == (1, 3)
         assert default_cam_layer("tiny-test-net") == "0"
@@ -229,8 +229,9 @@ def test_bundled_default_model_loads_and_validates() -> None:
 
 def test_bundled_model_reproduces_its_validation_accuracy() -> None:
     """Re-run the card's held-out split on the real PathMNIST subset: same accuracy."""
-    from histotile.train.datasets import load_pathmnist
-    from histotile.train.loop import BatchPipeline, predict_probs
+    from histotile.models.preprocess import BatchPipeline
+    from histotile.training.datasets import load_pathmnist
+    from histotile.training.loop import predict_probs
 
     loaded = load_model(zoo.DEFAULT_MODEL)
     card = loaded.card

@@ -85,7 +85,7 @@ def test_issue15_old_palette_fails_the_same_check() -> None:
 
 def test_bundled_card_and_datasets_use_the_palette() -> None:
     import histotile
-    from histotile.train.datasets import PATHMNIST_CLASSES, PCAM_CLASSES
+    from histotile.training.datasets import PATHMNIST_CLASSES, PCAM_CLASSES
 
     card = Path(histotile.__file__).parent / "models/zoo/pathmnist-smallcnn/model.json"
     classes = json.loads(card.read_text())["classes"]

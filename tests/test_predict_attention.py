@@ -20,7 +20,7 @@ from histotile.cli import main
 @pytest.fixture(scope="module")
 def vit_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ``vit`` model folder: 2 training steps on the real PathMNIST subset."""
-    from histotile.train import train
+    from histotile import train
 
     npz = real_data("patches/pathmnist_train_first1000.npz")
     out = tmp_path_factory.mktemp("vit-model") / "vit"
@@ -87,8 +87,8 @@ def _attention_alone(run: dict, row: dict[str, str]) -> tuple[np.ndarray, np.nda
 
 
 def test_stitched_map_at_a_patch_equals_single_patch_attention(attn_out: Path) -> None:
-    from histotile.explain import read_gradcam, upsample_cams
-    from histotile.stitch import level0_to_heatmap_pixel, read_heatmap
+    from histotile.resample import upsample_maps as upsample_cams
+    from histotile.stitch import level0_to_heatmap_pixel, read_gradcam, read_heatmap
 
     run = json.loads((attn_out / "run.json").read_text())
     rows = read_csv(attn_out / "predictions.csv")

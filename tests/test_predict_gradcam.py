@@ -73,7 +73,7 @@ def _cam_alone(run: dict, row: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """(raw Grad-CAM (h, w), probs) of one patch read alone and stained with the recorded fit."""
     import torch
 
-    from histotile.explain import GradCAM, resolve_layer
+    from histotile.gradcam import GradCAM, resolve_layer
     from histotile.models.loading import load_model, preprocess
     from histotile.patches import resize_patch
     from histotile.slide import open_slide
@@ -99,8 +99,8 @@ def _cam_alone(run: dict, row: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_stitched_map_at_a_patch_equals_single_patch_cam(cam_out: Path) -> None:
-    from histotile.explain import read_gradcam, upsample_cams
-    from histotile.stitch import level0_to_heatmap_pixel, read_heatmap
+    from histotile.resample import upsample_maps as upsample_cams
+    from histotile.stitch import level0_to_heatmap_pixel, read_gradcam, read_heatmap
 
     run = json.loads((cam_out / "run.json").read_text())
     rows = read_csv(cam_out / "predictions.csv")

@@ -30,7 +30,7 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     training images) as a MedMNIST npz with only a test split."""
     from histotile.models.card import load_card
     from histotile.models.loading import resolve_model
-    from histotile.train.datasets import load_pathmnist
+    from histotile.training.datasets import load_pathmnist
 
     card = load_card(resolve_model(_bundled()))
     data = load_pathmnist(real_data(PATHMNIST), None, card.training.val_fraction,
@@ -56,7 +56,7 @@ def _predict_csv(npz: Path, out: Path, model: str) -> tuple[np.ndarray, dict]:
 
 def _evaluate_probs(npz: Path, model: str) -> np.ndarray:
     from histotile.models.loading import load_model
-    from histotile.train.evaluation import load_dataset_for, split_probabilities
+    from histotile.training.evaluation import load_dataset_for, split_probabilities
 
     options = EvaluateOptions(split="test", device="cpu", progress=False)
     loaded = load_model(model, "cpu")
@@ -97,7 +97,7 @@ def test_issue16_predict_on_held_out_archive_gives_the_card_accuracy(
 def test_issue16_evaluate_uses_the_card_split_by_default(caplog: pytest.LogCaptureFixture
                                                          ) -> None:
     """Before: evaluate held out its own 10 % (seed 0), overlapping the card's training 800."""
-    from histotile.train import evaluate
+    from histotile import evaluate
 
     npz = real_data(PATHMNIST)
     m = evaluate(_bundled(), npz, split="val", device="cpu", progress=False, n_boot=0,

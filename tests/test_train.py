@@ -11,9 +11,10 @@ import pytest
 import torch
 from helpers import kaggle_patches, real_data, write_pcam_h5
 
+from histotile import evaluate, train
 from histotile.models.loading import load_model
-from histotile.train import evaluate, train
-from histotile.train.loop import BatchPipeline, augment_batch, predict_probs
+from histotile.models.preprocess import BatchPipeline
+from histotile.training.loop import augment_batch, predict_probs
 
 PATHMNIST = "patches/pathmnist_train_first1000.npz"
 TINY = {"width": 8}  # a narrow smallcnn keeps these tests fast; the recipe is the real one
@@ -61,7 +62,7 @@ def test_train_pathmnist_writes_a_usable_model(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["validation"]["n"] == 60
     # the card's validation accuracy is what the saved weights give on the held-out split
-    from histotile.train.datasets import load_dataset
+    from histotile.training.datasets import load_dataset
 
     data = load_dataset(npz, val_fraction=0.2, seed=0)
     probs = predict_probs(loaded.module, data.val, BatchPipeline(card, loaded.device))
@@ -87,7 +88,8 @@ def test_train_kaggle_folder_through_cli(tmp_path: Path, capsys) -> None:
           "--val-fraction", "0.34", "--device", "cpu", "--arch", "smallcnn"])
     assert "wrote" in capsys.readouterr().out
     card = load_model(out).card
-    assert card.training.command.startswith(f"histotile train {folder} --output {out}")
+    # the command as typed (one recorder for train and predict: histotile.fileio.command_line)
+    assert card.training.command.startswith(f"histotile -q train {folder} -o {out}")
     assert "--epochs 1 --batch-size 4" in card.training.command
     assert card.training.n_train + card.training.n_val == 15
 
@@ -179,7 +181,7 @@ def test_fitted_stain_reference_without_training_normalisation(tmp_path: Path) -
     (already normalised) training patches, training sees them as they are, and predict will
     normalise slides to that reference."""
     from histotile.stain import MacenkoNormalizer, StainReference
-    from histotile.train.datasets import load_dataset
+    from histotile.training.datasets import load_dataset
 
     npz = _first_n(tmp_path, 200)
     out = train(npz, tmp_path / "m", epochs=1, batch_size=32, max_steps=1, device="cpu",

@@ -27,7 +27,7 @@ def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from histotile.train.xgboost_baseline import train_xgboost
+    from histotile.training.xgboost import train_xgboost
 
     return train_xgboost(subset, tmp_path_factory.mktemp("m") / "xgb", n_estimators=30,
                          n_jobs=2, n_boot=50, progress=False, epochs=3)
@@ -35,7 +35,7 @@ def model(subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_features() -> None:
     from histotile.errors import InvalidArgumentError
-    from histotile.train.xgboost_baseline import patch_features
+    from histotile.models.xgboost import patch_features
 
     with np.load(real_data(PATHMNIST)) as npz:
         x = npz["train_images"][:5]
@@ -68,7 +68,7 @@ def test_folder_loads_and_matches_booster(model: Path, subset: Path) -> None:
     import torch
 
     from histotile.models.loading import load_model, preprocess
-    from histotile.train.xgboost_baseline import patch_features, predict_proba
+    from histotile.models.xgboost import patch_features, predict_proba
 
     loaded = load_model(model, "cpu")
     with np.load(subset) as npz:
@@ -102,3 +102,25 @@ def test_cli_train_arch_xgboost(subset: Path, tmp_path: Path,
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "x" / "model.json").read_text())["architecture"]["name"] \
         == "xgboost"
+
+
+def test_issue16_library_train_arch_xgboost_does_not_crash(subset: Path, tmp_path: Path) -> None:
+    """``histotile.train(..., arch="xgboost")`` built the booster's empty nn.Module and handed it
+    to Adam ("optimizer got an empty parameter list"): only the CLI dispatched to the trainer."""
+    import histotile
+
+    folder = histotile.train(subset, tmp_path / "lib", arch="xgboost", epochs=2, progress=False,
+                             n_boot=0, plots=False)
+    card = json.loads((folder / "model.json").read_text())
+    assert card["architecture"]["name"] == "xgboost"
+    assert card["metrics"]["validation"]["accuracy"] > 0.3
+
+
+def test_issue16_train_help_lists_every_architecture_of_the_table() -> None:
+    from click.testing import CliRunner
+
+    from histotile.cli import cli
+    from histotile.models.architectures import ARCHITECTURES
+
+    out = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output
+    assert all(name in out for name in ARCHITECTURES), out

@@ -16,13 +16,11 @@ folder, fsync, rename; the temporary file is removed on any failure, so a full d
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import errno
 import io
 import json
 import os
-import secrets
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from histotile import fileio
 from histotile.errors import HistotileError
 
 MANIFEST_FIELDS = ("slide", "status", "error", "patches", "seconds", "output")
@@ -55,19 +54,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a unique temporary file (created with the user's
     umask), fsync and rename; the temporary file never outlives a failure."""
-    part = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    try:
-        fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(part, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
-    return path
+    return fileio.write_text(path, text)
 
 
 def error_line(exc: BaseException) -> str:

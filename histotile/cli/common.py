@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import click
 
 from histotile.cli import echo_err
 from histotile.errors import HistotileError
+from histotile.fileio import command_line
 from histotile.options import PredictOptions, choices, field_default, field_type
 
 
@@ -61,12 +63,7 @@ def debug_flag(ctx: click.Context) -> bool:
 
 def invoked_command(ctx: click.Context) -> str:
     """The command line as the user typed it (``histotile ...``), for run metadata."""
-    import shlex
-    import sys
-
-    root = ctx.find_root()
-    argv = (root.obj or {}).get("argv", sys.argv[1:])
-    return shlex.join(["histotile", *argv])
+    return command_line((ctx.find_root().obj or {}).get("argv", sys.argv[1:]))
 
 
 def quiet_flag(ctx: click.Context) -> bool:

@@ -1,22 +1,23 @@
-"""``histotile train`` and ``histotile evaluate``: thin wrappers over :mod:`histotile.train`."""
+"""``histotile train`` and ``histotile evaluate``: thin wrappers over :mod:`histotile.training`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from histotile.cli.common import field_option, quiet_flag
+from histotile.fileio import command_line, running_as_cli
+from histotile.models.architectures import architecture_names
 from histotile.options import EvaluateOptions
 
 E = EvaluateOptions
 
-_ARCH_HELP = "Architecture: smallcnn, resnet18, resnet50 (or any registered name)."
+_ARCH_HELP = "Architecture: " + ", ".join(architecture_names()) + "."
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -26,9 +27,9 @@ def _command_line(ctx: click.Context) -> str:
     click 8.5 no longer exposes a plain flag's default as ``param.default``)."""
     from click.core import ParameterSource
 
-    argv0 = Path(sys.argv[0]) if sys.argv else Path()
-    if argv0.name == "histotile" or argv0.parts[-2:] == ("histotile", "__main__.py"):
-        return shlex.join(["histotile", *sys.argv[1:]])
+    argv = (ctx.find_root().obj or {}).get("argv")
+    if argv is not None or running_as_cli():
+        return command_line(argv)
     words = ["histotile", ctx.info_name or "train"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
@@ -106,10 +107,8 @@ def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) 
     plots to the output folder.
     """
     from histotile.errors import InvalidArgumentError
-    from histotile.train import train as run_train
+    from histotile.training.api import train as run_train
 
-    if kw.get("arch") == "xgboost":  # the classical baseline (histotile.train.xgboost_baseline)
-        from histotile.train.xgboost_baseline import train_xgboost as run_train
     if kw.get("arch_kwargs") is not None:
         try:
             kw["arch_kwargs"] = json.loads(str(kw["arch_kwargs"]))
@@ -120,7 +119,7 @@ def train(ctx: click.Context, dataset: str, out_dir: Path | None, **kw: object) 
     out = out_dir or Path(f"histotile-model-{Path(dataset).name}")
     folder = run_train(dataset, out, command=_command_line(ctx), progress=not quiet_flag(ctx),
                        **kw)  # type: ignore[arg-type]
-    from histotile.train.report import format_metric, small_validation_warning
+    from histotile.training.report import format_metric, small_validation_warning
 
     card = json.loads((folder / "model.json").read_text())
     val = card.get("metrics", {}).get("validation", {})
@@ -162,7 +161,7 @@ def _validation_section(folder: Path) -> dict | None:
 @click.pass_context
 def evaluate(ctx: click.Context, model: str, dataset: str, **kw: Any) -> None:
     """Evaluate MODEL (zoo name, folder or URL) on a DATASET split with clinical metrics."""
-    from histotile.train import evaluate as run_evaluate
+    from histotile.training.evaluation import evaluate as run_evaluate
 
     options = EvaluateOptions(**kw, progress=not quiet_flag(ctx))  # validated here
     m = run_evaluate(model, dataset, options)
@@ -172,7 +171,7 @@ def evaluate(ctx: click.Context, model: str, dataset: str, **kw: Any) -> None:
 def evaluation_lines(m: dict) -> list[str]:
     """What ``evaluate`` prints: the metrics with their 95% CIs and, with ``--compare``, the
     other model's figures and the paired tests' rounded p-values."""
-    from histotile.train.report import format_metric, format_p_value
+    from histotile.training.report import format_metric, format_p_value
 
     ci = m.get("ci", {})
     lines = [f"{m['model']} on {m['dataset']} ({m['split_source']}, n={m.get('n', '?')})"]

@@ -10,6 +10,7 @@
 - :mod:`histotile.export.drawing`: what the pictures share (font, outline, scale bar, text panel)
 - :mod:`histotile.export.ome_tiff`: pyramidal OME-TIFF of the heatmap (``export_ome_tiff``)
 
-Each writer streams (memory bounded by the batch) and writes ``<name>.tmp`` renamed when complete.
+Each writer streams (memory bounded by the batch) into a temporary file renamed when complete
+(:mod:`histotile.fileio`).
 Submodules are imported on use so that ``import histotile.export`` stays light.
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError
-from histotile.export._atomic import AtomicTextWriter
+from histotile.fileio import AtomicTextWriter
 
 GEOMETRY_COLUMNS = ["minx", "miny", "width", "height"]
 STATUS_OK, STATUS_UNREADABLE = "ok", "unreadable"
@@ -25,7 +25,7 @@ def prob_columns(class_names: Sequence[str]) -> list[str]:
 
 
 class PredictionsCSVWriter(AtomicTextWriter):
-    """Append batches of predictions to ``path`` (written as ``<path>.tmp``, renamed on close)."""
+    """Append batches of predictions to ``path`` (written to a temporary file, renamed on close)."""
 
     def __init__(self, path: str | Path, class_names: Sequence[str],
                  patch_size_level0: int | tuple[int, int] | None = None,

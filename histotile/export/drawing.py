@@ -6,13 +6,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from histotile.fileio import atomic_path
 
 BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
@@ -22,11 +23,9 @@ GREY = (110, 110, 110)
 
 def save_png(image: Any, path: str | Path) -> Path:
     """Write a PIL image as PNG through a temporary file (no half-written picture)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def font(size: int = 13, bold: bool = False) -> Any:

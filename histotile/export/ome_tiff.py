@@ -9,7 +9,6 @@ physical pixel size is slide mpp x stride_level0 (micrometers). Per-class probab
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from histotile.errors import InputNotFoundError
+from histotile.fileio import atomic_path
+from histotile.stitch import as_pair, open_heatmap
 
 TILE = 256
 OME_TIFF = "heatmap.ome.tif"
@@ -40,25 +41,23 @@ def write_heatmap_ome_tiff(heatmap: str | Path, out: str | Path) -> Path:
     """Write ``out`` (pyramidal OME-TIFF, argmax colours) from a ``heatmap.ome.zarr``."""
     import tifffile
 
-    from histotile.stitch import _pair, open_heatmap
 
     root = open_heatmap(heatmap)
     attrs = dict(root.attrs["histotile"])
     palette = np.asarray(attrs["class_colors"], dtype=np.uint8)
     levels = int(attrs.get("levels", 1))
     mpp = attrs.get("slide_mpp")
-    sx, sy = _pair(attrs["stride_level0"])
+    sx, sy = as_pair(attrs["stride_level0"])
     meta: dict[str, Any] = {"axes": "YXS", "Name": "histotile heatmap (argmax colours)"}
     if mpp is not None:
-        mx, my = _pair(mpp)
+        mx, my = as_pair(mpp)
         meta.update({"PhysicalSizeX": sx * mx, "PhysicalSizeXUnit": "µm",
                      "PhysicalSizeY": sy * my, "PhysicalSizeYUnit": "µm"})
     legend = "; ".join(f"{n}=#{''.join(f'{v:02X}' for v in c)}"
                        for n, c in zip(attrs["class_names"], attrs["class_colors"], strict=True))
     meta["Description"] = f"histotile {attrs.get('histotile_version', '')}; classes: {legend}"
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+    with atomic_path(out) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
         for level in range(levels):
             data, cover = root[str(level)], root["labels/coverage"][str(level)]
             _, h, w = data.shape
@@ -75,7 +74,6 @@ def write_heatmap_ome_tiff(heatmap: str | Path, out: str | Path) -> Path:
             else:
                 opts.update(subfiletype=1, metadata=None)
             tif.write(_rgb_tiles(data, cover, palette), **opts)
-    os.replace(tmp, out)
     return out
 
 

@@ -11,26 +11,46 @@ name, and the tile's x,y,w,h), so a rerun writes identical files.
 from __future__ import annotations
 
 import gzip as gzip_module
+import io
 import json
-import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError
-from histotile.export._atomic import AtomicTextWriter
+from histotile.export.csv import iter_predictions_csv
+from histotile.fileio import AtomicTextWriter, atomic_path
+from histotile.stitch import level0_to_heatmap_pixel, open_heatmap
 
 OBJECT_TYPES = ("tile", "detection", "annotation")
 TILES_GZ, TILES_PLAIN = "tiles.geojson.gz", "tiles.geojson"
 CLASSES_GZ, CLASSES_PLAIN = "classes.geojson.gz", "classes.geojson"
 
 
-def _open_text(path: Path, gz: bool, level: int = 6) -> Any:
+class _GzipText(io.TextIOWrapper):
+    """UTF-8 text into a gzip file whose header holds no name and mtime 0, so the same content
+    gives the same bytes on every run (``gzip.open`` stores the write time and the file name,
+    here a temporary one)."""
+
+    def __init__(self, path: Path, level: int) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        gz = gzip_module.GzipFile(filename="", mode="wb", fileobj=self._file,
+                                  compresslevel=level, mtime=0)
+        super().__init__(gz, encoding="utf-8")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._file.close()
+
+
+def _open_text(path: Path, gz: bool, level: int = 6) -> IO[str]:
     if gz:
-        return gzip_module.open(path, "wt", encoding="utf-8", compresslevel=level)
+        return _GzipText(path, level)
     return open(path, "w", encoding="utf-8")  # noqa: SIM115 - caller closes
 
 
@@ -55,8 +75,8 @@ def _fmt(values: np.ndarray) -> list[str]:
 
 
 class GeoJSONTileWriter(AtomicTextWriter):
-    """Stream one GeoJSON Feature per patch into a FeatureCollection (``<path>.tmp``, renamed on
-    close). Memory is bounded by the batch."""
+    """Stream one GeoJSON Feature per patch into a FeatureCollection (a temporary file, renamed
+    on close). Memory is bounded by the batch."""
 
     footer = "\n]}\n"
 
@@ -103,7 +123,8 @@ class GeoJSONTileWriter(AtomicTextWriter):
             keep = probs.max(axis=1) >= self.min_prob
             self.dropped += int((~keep).sum())
         labels = probs.argmax(axis=1)
-        extra_names = list((extra or {}).keys())
+        extra = extra or {}
+        extra_names = list(extra)
         template = self._template(extra_names)
         cols = [coords[:, 0], coords[:, 1], coords[:, 0] + wh[:, 0], coords[:, 1] + wh[:, 1]]
         geo = np.stack([_fmt(c) for c in cols], 1)
@@ -196,10 +217,8 @@ def write_feature_collection(path: str | Path, features: list[dict[str, Any]],
                              gzip: bool = True) -> Path:
     """Write a small FeatureCollection atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with _open_text(tmp, gzip) as fh:
+    with atomic_path(path) as tmp, _open_text(tmp, gzip) as fh:
         json.dump({"type": "FeatureCollection", "features": features}, fh)
-    os.replace(tmp, path)
     return path
 
 
@@ -214,8 +233,6 @@ def result_classes(result_dir: Path) -> tuple[list[str], list[list[int]]]:
             return [c["name"] for c in classes], [list(c["color"]) for c in classes]
     zarr_path = result_dir / "heatmap.ome.zarr"
     if zarr_path.exists():
-        from histotile.stitch import open_heatmap
-
         attrs = dict(open_heatmap(zarr_path).attrs["histotile"])
         return list(attrs["class_names"]), [list(c) for c in attrs["class_colors"]]
     raise InputNotFoundError(f"no run.json with model.card.classes nor heatmap in {result_dir}",
@@ -232,8 +249,6 @@ def result_id_seed(result_dir: Path) -> str:
             return Path(str(slide)).name
     zarr_path = result_dir / "heatmap.ome.zarr"
     if zarr_path.exists():
-        from histotile.stitch import open_heatmap
-
         slide = dict(open_heatmap(zarr_path).attrs["histotile"]).get("slide")
         if slide:
             return Path(str(slide)).name
@@ -245,8 +260,6 @@ def export_qupath(result_dir: str | Path, gzip: bool = True, object_type: str = 
                   id_seed: str | None = None) -> list[Path]:
     """Rebuild ``tiles.geojson(.gz)`` (and with ``merge`` ``classes.geojson(.gz)``, one annotation
     per class) from a result folder's ``predictions.csv``, streaming. Returns the written paths."""
-    from histotile.export.csv import iter_predictions_csv
-
     result_dir = Path(result_dir)
     if not result_dir.is_dir():
         raise InputNotFoundError(f"no result folder {result_dir}", "run histotile predict first")
@@ -276,8 +289,6 @@ def write_merged(result_dir: Path, names: list[str], colors: list[list[int]], gz
                  id_seed: str | None = None) -> Path:
     """``classes.geojson(.gz)``: the CSV's argmax labels placed on the heatmap grid (geometry
     from ``heatmap.ome.zarr``'s attributes) and dissolved per class."""
-    from histotile.export.csv import iter_predictions_csv
-    from histotile.stitch import level0_to_heatmap_pixel, open_heatmap
 
     attrs = dict(open_heatmap(result_dir / "heatmap.ome.zarr").attrs["histotile"])
     cols, rows = attrs["grid_shape"]

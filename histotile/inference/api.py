@@ -19,7 +19,7 @@ from typing import Any
 from histotile.archives import is_archive
 from histotile.batch import BatchSummary, expand_inputs, resolve_shard
 from histotile.errors import InvalidArgumentError, ModelError, os_error
-from histotile.explain import _cam_target
+from histotile.gradcam import cam_target
 from histotile.hpc import run_items
 from histotile.inference.archives import predict_archive
 from histotile.inference.context import PredictContext
@@ -74,7 +74,7 @@ def check_against_card(options: PredictOptions, card: ModelCard) -> None:
             "use a model trained with --arch vit, or --gradcam", subject=card.name)
     if options.gradcam:
         try:
-            _cam_target(options.cam_class, card.class_names)
+            cam_target(options.cam_class, card.class_names)
         except InvalidArgumentError as exc:
             exc.subject = exc.subject or "--cam-class"
             raise

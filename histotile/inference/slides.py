@@ -2,10 +2,10 @@
 heatmap (OME-Zarr), predictions.csv, QuPath GeoJSON and the pictures; optional Grad-CAM or ViT
 attention maps stitched beside the heatmap, merged QuPath classes and an OME-TIFF.
 
-Grad-CAM (``gradcam``): one forward + backward per batch (:class:`histotile.explain.GradCAM`
+Grad-CAM (``gradcam``): one forward + backward per batch (:class:`histotile.gradcam.GradCAM`
 at the architecture's last conv block or ``cam_layer``) gives the probabilities and the raw map
 of ``cam_class`` (the argmax, or a named class); maps are stitched by
-:class:`histotile.explain.CamStitcher` at ``cam_resolution`` level-0 px per CAM pixel, default
+:class:`histotile.stitch.CamStitcher` at ``cam_resolution`` level-0 px per CAM pixel, default
 ``patch_size_level0 / 8``, overlapping patches averaged. ``gradcam_mean`` is the mean of a
 patch's raw map at the layer's grid (not normalised, comparable between patches of one run).
 ViT attention (``attention``): the head-averaged raw CLS-row attention of the last block
@@ -30,25 +30,20 @@ from histotile.errors import (
     InvalidArgumentError,
     NoTissueError,
 )
-from histotile.explain import (
-    CamStitcher,
-    GradCAM,
-    _cam_target,
-    resolve_layer,
-    write_gradcam_overlay_from_store,
-)
 from histotile.export.csv import PredictionsCSVWriter
+from histotile.export.figures import write_gradcam_overlay_from_store
 from histotile.export.ome_tiff import export_ome_tiff
 from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter, write_merged
 from histotile.export.slide_pictures import write_slide_pictures
 from histotile.export.tissue_geojson import write_tissue_geojson
+from histotile.gradcam import GradCAM, cam_target, resolve_layer
 from histotile.grid import make_grid
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
 from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
 from histotile.patches import plan_regions, sample_patches, unreadable_record
 from histotile.slide import open_slide
-from histotile.stitch import HeatmapWriter
+from histotile.stitch import CamStitcher, HeatmapWriter
 from histotile.tissue import require_brightfield
 from histotile.tissue_source import tissue_for_slide, tissue_info
 
@@ -236,7 +231,7 @@ def default_cam_resolution(patch_size_level0: Any) -> float:
 def _gradcam_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
     """The CAM stitcher on the heatmap store and the engine's ``explain`` factory."""
     card = ctx.model.card
-    target = _cam_target(ctx.options.cam_class, card.class_names)
+    target = cam_target(ctx.options.cam_class, card.class_names)
     resolution = ctx.options.cam_resolution or default_cam_resolution(grid.patch_size_level0)
     label = "predicted class" if target == "predicted" else card.class_names[int(target)]
     stitcher = CamStitcher.from_grid(
@@ -273,11 +268,8 @@ def _make_cam(loaded: Any, ctx: PredictContext, target: str | int) -> Any:
 
 
 def _drop_cam_scratch(stitcher: Any) -> None:
-    scratch = getattr(stitcher, "_scratch", None)
-    if scratch is not None:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
+    if stitcher is not None:
+        stitcher.discard()
 
 
 def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from histotile.models.architectures import register
-
 if TYPE_CHECKING:
     from torch import nn
 
@@ -74,7 +72,6 @@ def _build(num_classes: int, small_input: bool, reduction: int) -> nn.Module:
     return ResNetAttention()
 
 
-@register("resnet50-attention", cam_layer="cbam4")
 def resnet50_attention(num_classes: int, patch_size: int, small_input: bool | None = None,
                        reduction: int = 16) -> nn.Module:
     """torchvision ResNet-50 + CBAM after each stage (~28 M parameters)."""

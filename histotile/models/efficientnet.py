@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from histotile.models.architectures import register
-
 if TYPE_CHECKING:
     from torch import nn
 
 
-@register("efficientnet-b0", cam_layer="features.8")
 def efficientnet_b0(num_classes: int, patch_size: int, small_input: bool | None = None,
                     dropout: float = 0.2) -> nn.Module:
     """torchvision EfficientNet-B0 (~4.0 M parameters with a 9-class head)."""

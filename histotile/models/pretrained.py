@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histotile.download import cache_dir, download, file_digest
 from histotile.errors import ChecksumError, InvalidArgumentError, ModelError
 
 if TYPE_CHECKING:
@@ -83,8 +84,6 @@ def weights_url(entry: WeightsFile) -> str:
 def fetch_weights(arch: str, *, cache: str | Path | None = None,
                   progress: bool = True) -> Path:
     """Download (or find in the cache) the ImageNet weights of ``arch``; verified."""
-    from histotile.download import cache_dir, download, file_digest
-
     entry = weights_for(arch)
     folder = Path(cache) if cache is not None else cache_dir("weights", "imagenet")
     dest = download(weights_url(entry), folder / entry.filename, sha256=entry.sha256,

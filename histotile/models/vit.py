@@ -14,9 +14,7 @@ attention rollout.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from histotile.models.architectures import register
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
@@ -103,12 +101,14 @@ def _classes() -> dict[str, type]:
             if which not in ("last", "all", None):
                 raise ValueError(f"capture_attention: use 'last', 'all' or None, not {which!r}")
             for i, blk in enumerate(self.blocks):
-                blk.attn.keep = which == "all" or (which == "last" and i == len(self.blocks) - 1)
-                blk.attn.attention = None
+                attn: Any = blk.attn
+                attn.keep = which == "all" or (which == "last" and i == len(self.blocks) - 1)
+                attn.attention = None
 
         def attentions(self) -> list[torch.Tensor]:
             """The kept maps, first block first (only blocks that captured one)."""
-            return [b.attn.attention for b in self.blocks if b.attn.attention is not None]
+            maps: list[Any] = [getattr(b.attn, "attention", None) for b in self.blocks]
+            return [m for m in maps if m is not None]
 
         def tokens(self, x: torch.Tensor) -> torch.Tensor:
             x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
@@ -142,7 +142,6 @@ def vit_classes() -> dict[str, type]:
     return _CACHE
 
 
-@register("vit", cam_layer="norm")
 def vit(num_classes: int, patch_size: int, patch: int | None = None, dim: int = 128,
         depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0,
         dropout: float = 0.1) -> nn.Module:
@@ -155,14 +154,3 @@ def vit(num_classes: int, patch_size: int, patch: int | None = None, dim: int = 
     cls = vit_classes()["VisionTransformer"]
     return cls(num_classes, patch_size, patch or default_patch(patch_size), dim, depth, heads,
                mlp_ratio, dropout)
-
-
-def _register_explain_methods() -> None:
-    try:
-        from histotile.attention import register_methods
-    except ImportError:  # pragma: no cover - explain is optional
-        return
-    register_methods()
-
-
-_register_explain_methods()

@@ -1,6 +1,7 @@
-"""A classical baseline: gradient-boosted trees (XGBoost) on hand-made patch features.
+"""Training the classical baseline: gradient-boosted trees (XGBoost) on hand-made patch features.
 
-``histotile train DATA --arch xgboost`` (library: :func:`train_xgboost`). Features
+``histotile train DATA --arch xgboost`` / ``histotile.train(DATA, arch="xgboost")`` (here:
+:func:`train_xgboost`; the model side is :mod:`histotile.models.xgboost`). Features
 (:func:`patch_features`, ``features="colour-texture"``, the default): per RGB channel a 16-bin
 histogram, mean, std and 10/50/90th percentiles; HSV means/stds; grey-level gradient magnitude
 mean/std, Laplacian variance, grey std and a uniform LBP histogram (P=8, R=1, 10 bins): 83
@@ -25,123 +26,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histotile.errors import InvalidArgumentError, ModelError
-from histotile.models.architectures import register
+from histotile import fileio
+from histotile.errors import InvalidArgumentError
+from histotile.models.xgboost import patch_features, predict_proba
+from histotile.training.card import build_card
+from histotile.training.config import TrainConfig
+from histotile.training.datasets import load_dataset
+from histotile.training.fit import save_weights
+from histotile.training.report import full_metrics, headline, write_reports
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from histotile.train.datasets import PatchSet
+    from histotile.training.datasets import PatchSet
 
 log = logging.getLogger(__name__)
-FEATURES = ("colour-texture", "pixels")
-HIST_BINS = 16
 
 
-# --------------------------------------------------------------------------- features
-def patch_features(patches: np.ndarray, features: str = "colour-texture") -> np.ndarray:
-    """uint8 (N, P, P, 3) patches → float32 (N, F) feature rows."""
-    if features not in FEATURES:
-        raise InvalidArgumentError(f"unknown XGBoost features {features!r}",
-                                   f"use one of: {', '.join(FEATURES)}")
-    x = np.asarray(patches)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise InvalidArgumentError(f"patches have shape {x.shape}, expected (N, P, P, 3)",
-                                   "pass RGB uint8 patches")
-    if features == "pixels":
-        return x.reshape(len(x), -1).astype(np.float32) / 255.0
-    return np.concatenate([_colour(x), _texture(x)], axis=1).astype(np.float32)
-
-
-def _colour(x: np.ndarray) -> np.ndarray:
-    from skimage.color import rgb2hsv
-
-    n = len(x)
-    flat = x.reshape(n, -1, 3)
-    offsets = (np.arange(n * 3) * HIST_BINS).reshape(n, 1, 3)
-    hist = np.bincount(((flat >> 4) + offsets).ravel(), minlength=n * 3 * HIST_BINS)
-    hist = hist.reshape(n, 3, HIST_BINS)  # per patch, per channel
-    hist = hist.reshape(n, -1) / flat.shape[1]
-    f = flat.astype(np.float32) / 255.0
-    pct = np.percentile(f, [10, 50, 90], axis=1).transpose(1, 0, 2).reshape(n, -1)
-    hsv = rgb2hsv(x).reshape(n, -1, 3)
-    return np.concatenate([hist, f.mean(1), f.std(1), pct, hsv.mean(1), hsv.std(1)], axis=1)
-
-
-def _texture(x: np.ndarray) -> np.ndarray:
-    from skimage.feature import local_binary_pattern
-
-    grey = (x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0
-    gy, gx = np.gradient(grey, axis=(1, 2))
-    mag = np.hypot(gx, gy).reshape(len(x), -1)
-    lap = (np.roll(grey, 1, 1) + np.roll(grey, -1, 1) + np.roll(grey, 1, 2)
-           + np.roll(grey, -1, 2) - 4 * grey)[:, 1:-1, 1:-1].reshape(len(x), -1)
-    g8 = np.round(grey * 255).astype(np.uint8)
-    lbp = np.stack([np.bincount(local_binary_pattern(g, 8, 1, "uniform").astype(np.int64)
-                                .ravel(), minlength=10)[:10] for g in g8]) / g8[0].size
-    return np.concatenate([mag.mean(1, keepdims=True), mag.std(1, keepdims=True),
-                           lap.var(1, keepdims=True), grey.reshape(len(x), -1).std(1)[:, None],
-                           lbp], axis=1)
-
-
-# --------------------------------------------------------------------------- torch wrapper
-@register("xgboost", cam_layer="")
-def xgboost_module(num_classes: int, patch_size: int,
-                   features: str = "colour-texture") -> nn.Module:
-    """The booster as an ``nn.Module``: ``forward(x normalised with mean 0, std 1) -> log p``."""
-    import torch
-    from torch import nn
-
-    if features not in FEATURES:
-        raise TypeError(f"unknown features {features!r}")
-
-    class XGBoostClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("booster", torch.zeros(0, dtype=torch.uint8))
-            self.features, self.num_classes = features, num_classes
-            self._model: Any = None
-
-        def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                                  *args: Any) -> None:
-            key = prefix + "booster"
-            if key in state_dict:  # the booster's size is only known from the file
-                self.booster = torch.empty_like(state_dict[key])
-                self._model = None
-            super()._load_from_state_dict(state_dict, prefix, *args)
-
-        def model(self) -> Any:
-            if self._model is None:
-                self._model = booster_from_bytes(self.booster.cpu().numpy().tobytes())
-            return self._model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if self.booster.numel() == 0:
-                raise ModelError("this XGBoost module holds no trained booster",
-                                 "load weights.safetensors from a trained model folder")
-            u8 = (x.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-            patches = u8.permute(0, 2, 3, 1).cpu().numpy()
-            probs = predict_proba(self.model(), patch_features(patches, self.features))
-            return torch.from_numpy(np.log(np.clip(probs, 1e-12, None))).to(x.device)
-
-    return XGBoostClassifier()
-
-
-def booster_from_bytes(raw: bytes) -> Any:
-    import xgboost as xgb
-
-    booster = xgb.Booster()
-    booster.load_model(bytearray(raw))
-    return booster
-
-
-def predict_proba(booster: Any, feats: np.ndarray) -> np.ndarray:
-    """(N, C) probabilities; binary boosters give (N,) P(class 1), widened to two columns."""
-    p = np.asarray(booster.inplace_predict(feats), dtype=np.float32)
-    return np.stack([1 - p, p], axis=1) if p.ndim == 1 else p
-
-
-# --------------------------------------------------------------------------- training
 def _arrays(ps: PatchSet, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
@@ -187,24 +86,13 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
                   plots: bool = True, arch_kwargs: dict[str, Any] | None = None,
                   **ignored: Any) -> Path:
     """Train the XGBoost baseline and write a complete model folder (card, weights, metrics,
-    report) like :func:`histotile.train.train`; returns ``out_dir``.
+    report) like :func:`histotile.train`; returns ``out_dir``.
 
     Validation (early stopping) and test splits are the same as ``train()`` would use for the
     same ``dataset``/``val_fraction``/``seed``. ``arch_kwargs`` may set ``features``
     (``histotile train --arch xgboost --arch-kwargs '{"features": "pixels"}'``). Torch-only
     options in ``ignored`` (epochs, batch size...) are logged and skipped.
     """
-    from histotile.train.datasets import load_dataset
-    from histotile.train.loop import (
-        TrainConfig,
-        _full_metrics,
-        _headline,
-        _write_reports,
-        build_card,
-        default_command,
-        save_weights,
-    )
-
     extra = dict(arch_kwargs or {})
     features = str(extra.pop("features", features))
     if extra:
@@ -230,8 +118,8 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
     cfg = TrainConfig(dataset=str(dataset), arch="xgboost", epochs=len(history), seed=seed,
                       val_fraction=val_fraction, size=size, augment=False,
                       arch_kwargs={"features": features})
-    command = command or default_command(dataset=str(dataset), out_dir=str(out_dir),
-                                         arch="xgboost", seed=seed)
+    command = command or fileio.command_line(call=fileio.python_call(
+        "train", dataset=str(dataset), out_dir=str(out_dir), arch="xgboost", seed=seed))
     card = build_card(cfg, data, name or out.name, command, [0.0] * 3, [1.0] * 3)
     card.training.recipe = (
         f"XGBoost hist, {features} features, max_depth {max_depth}, eta {learning_rate:g}, "
@@ -245,15 +133,15 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
     best_round = int(booster.num_boosted_rounds())
     metrics: dict[str, Any] = {"best_epoch": best_round}
     val_probs = predict_proba(booster, fva)
-    metrics["validation"] = _full_metrics(yva, val_probs, card.class_names, n_boot)
-    card.metrics = {"validation": _headline(metrics["validation"], data.val_source),
+    metrics["validation"] = full_metrics(yva, val_probs, card.class_names, n_boot)
+    card.metrics = {"validation": headline(metrics["validation"], data.val_source),
                     "best_epoch": best_round}
     if data.test is not None:
         xte, yte = _arrays(data.test, progress, "test patches")
-        metrics["test"] = _full_metrics(yte, predict_proba(booster, patch_features(xte, features)),
+        metrics["test"] = full_metrics(yte, predict_proba(booster, patch_features(xte, features)),
                                         card.class_names, n_boot)
-        card.metrics.test = _headline(metrics["test"], "official test split")
+        card.metrics.test = headline(metrics["test"], "official test split")
     card.notes = notes or f"XGBoost baseline on {features} features"
-    _write_reports(out, metrics, history, yva, val_probs, card.class_names, plots)
+    write_reports(out, metrics, history, yva, val_probs, card.class_names, plots)
     card.save(out)
     return out

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from histotile.errors import InvalidArgumentError
+from histotile.fileio import json_safe
 
 CI_LEVEL = 0.95
 MCNEMAR_EXACT_BELOW = 25  # discordant pairs below this: exact binomial test
@@ -33,7 +34,7 @@ MCNEMAR_EXACT_BELOW = 25  # discordant pairs below this: exact binomial test
 def _check_inputs(
     y_true: Any, probs: Any, class_names: Sequence[str] | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Validate and normalise ``y_true`` (N,) int and ``probs`` (N, C) float64 rows summing to 1."""
+    """Validate ``y_true`` (N,) int and ``probs`` (N, C) float64 rows summing to 1 (unchanged)."""
     y = np.asarray(y_true)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -57,11 +58,13 @@ def _check_inputs(
     if y.min() < 0 or y.max() >= p.shape[1]:
         raise InvalidArgumentError(
             f"y_true has labels outside 0..{p.shape[1] - 1}", hint, subject="metrics")
-    if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0, atol=1e-3):
+    # scikit-learn's own tolerance (its multi-class AUC refuses rows off it). The rows are used
+    # as given: rescaling each to sum to 1 broke exact ties by rounding noise (issue 16).
+    if not np.all(np.isfinite(p)) or p.min() < 0 or not np.allclose(p.sum(1), 1.0):
         raise InvalidArgumentError(
             "probs are not probabilities (rows must be >= 0 and sum to 1)",
             "apply softmax to the logits first", subject="metrics")
-    return y.astype(np.int64), p / p.sum(1, keepdims=True), names
+    return y.astype(np.int64), p, names
 
 
 def _json_float(x: Any) -> float | None:
@@ -70,23 +73,6 @@ def _json_float(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    """Recursively turn numpy scalars / arrays into plain Python, nan into None."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return _json_float(obj)
-    return obj
 
 
 # ----------------------------------------------------------------------------- point estimates
@@ -237,7 +223,7 @@ def compute_metrics(
     }
     out["ci"], out["bootstrap"] = _bootstrap_ci(y, p, pred, n_boot, seed, stratified, auc, notes)
     out["notes"] = notes
-    return _jsonable(out)
+    return json_safe(out)
 
 
 def _balanced_accuracy_present(y: np.ndarray, pred: np.ndarray) -> float:
@@ -406,4 +392,4 @@ def compare_models(
                       "test": bt["test"] + ", macro one-vs-rest AUC", "z": bt["z"],
                       "p_value": bt["p_value"], "ci_difference": bt["ci_difference"],
                       "n_boot": bt["n_boot"]}
-    return _jsonable(out)
+    return json_safe(out)

@@ -8,7 +8,7 @@
 * an image folder (one sub-folder per class);
 * an HDF5 patch archive written by ``histotile tile`` (``x``) plus a labels CSV (``--labels``);
 * archives written by ``histotile tile --labels`` (one, or a folder of them): ``y``, class names
-  and slide names inside; validation holds whole slides out (:mod:`histotile.train.labelled`).
+  and slide names inside; validation holds whole slides out (:mod:`histotile.training.labelled`).
 
 Validation uses the official split when there is one, else a stratified ``val_fraction`` of train.
 """
@@ -26,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from histotile.download import cache_dir
 from histotile.errors import DatasetError
 from histotile.palette import PATHMNIST_COLOURS, PCAM_COLOURS
-from histotile.train.labelled import is_labelled, labelled_in, read_labelled, split_by_slide
+from histotile.resample import resize_patch
+from histotile.training.download_data import download_pathmnist, download_pcam, pathmnist_filename
+from histotile.training.labelled import is_labelled, labelled_in, read_labelled, split_by_slide
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,12 @@ class PatchSet:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        img = self._image(int(i))
+        img = self.read_image(int(i))
         if self.size is not None and img.shape[0] != self.size:
             img = resize_patch(img, self.size)
         return img, int(self.labels[i])
 
-    def _image(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
     def subset(self, indices: np.ndarray) -> Subset:
@@ -72,8 +75,8 @@ class Subset(PatchSet):
         self.labels = base.labels[indices]
         self.size = base.size
 
-    def _image(self, i: int) -> np.ndarray:
-        return self.base._image(int(self.indices[i]))
+    def read_image(self, i: int) -> np.ndarray:
+        return self.base.read_image(int(self.indices[i]))
 
 
 class ArrayPatches(PatchSet):
@@ -82,7 +85,7 @@ class ArrayPatches(PatchSet):
     def __init__(self, images: np.ndarray, labels: np.ndarray, size: int | None = None) -> None:
         self.images, self.labels, self.size = images, labels.astype(np.int64).reshape(-1), size
 
-    def _image(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         return self.images[i]
 
 
@@ -99,7 +102,7 @@ class H5Patches(PatchSet):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_h5": None}  # never send an open handle to a worker
 
-    def _image(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         if self._h5 is None or self._pid != os.getpid():  # a forked worker opens its own
             import h5py
 
@@ -114,9 +117,9 @@ class ConcatPatches(PatchSet):
         self.parts, self.labels, self.size = parts, np.asarray(labels, np.int64), parts[0].size
         self.starts = np.cumsum([0] + [len(p) for p in parts])
 
-    def _image(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[k]._image(i - int(self.starts[k]))
+        return self.parts[k].read_image(i - int(self.starts[k]))
 
 
 class FilePatches(PatchSet):
@@ -125,7 +128,7 @@ class FilePatches(PatchSet):
     def __init__(self, paths: list[Path], labels: np.ndarray, size: int | None = None) -> None:
         self.paths, self.labels, self.size = paths, np.asarray(labels, np.int64), size
 
-    def _image(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -134,13 +137,6 @@ class FilePatches(PatchSet):
         except (OSError, UnidentifiedImageError) as exc:
             raise DatasetError(f"cannot read image ({exc})", "replace or remove the file",
                                subject=str(self.paths[i])) from None
-
-
-def resize_patch(img: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR,
-                                                  reducing_gap=None))
 
 
 # --------------------------------------------------------------------------- splits
@@ -164,10 +160,11 @@ class DatasetSplits:
         sets = {"train": self.train, "val": self.val, "test": self.test}
         if name not in sets:
             raise DatasetError(f"unknown split {name!r}", "use train, val or test")
-        if sets[name] is None:
+        chosen = sets[name]
+        if chosen is None:
             raise DatasetError(f"{self.name} has no {name} split",
                                "evaluate on --split val, or give data that has a test split")
-        return sets[name]
+        return chosen
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -193,6 +190,14 @@ def _with_val(train: PatchSet, val_fraction: float, seed: int) -> tuple[PatchSet
     return train.subset(tr), train.subset(va), f"stratified {val_fraction:g} of train (seed {seed})"
 
 
+def _train_val(train: PatchSet, val: PatchSet | None, val_fraction: float,
+               seed: int) -> tuple[PatchSet, PatchSet, str]:
+    """The data's own validation split, else a stratified hold-out of train."""
+    if val is None:
+        return _with_val(train, val_fraction, seed)
+    return train, val, "official"
+
+
 # --------------------------------------------------------------------------- entry point
 def load_dataset(dataset: str | Path, data_dir: str | Path | None = None, *,
                  download: bool = False, size: int | None = None, val_fraction: float = 0.1,
@@ -205,8 +210,6 @@ def load_dataset(dataset: str | Path, data_dir: str | Path | None = None, *,
     if name.lower() == "pcam":
         folder = Path(data_dir) if data_dir else _default_dir("pcam")
         if download:
-            from histotile.train.download_data import download_pcam
-
             download_pcam(folder)
         return load_pcam(folder, size, val_fraction, seed)
     path = Path(name).expanduser()
@@ -233,29 +236,16 @@ def load_dataset(dataset: str | Path, data_dir: str | Path | None = None, *,
 
 
 def _default_dir(name: str) -> Path:
-    from histotile.download import cache_dir
-
     return cache_dir("data", name)
 
 
 # --------------------------------------------------------------------------- PathMNIST
-def pathmnist_filename(size: int | None) -> str:
-    if size in (None, 28):
-        return "pathmnist.npz"
-    if size not in (64, 128, 224):
-        raise DatasetError(f"PathMNIST comes at 28, 64, 128 or 224 px, not {size}",
-                           "use --size 28, 64, 128 or 224")
-    return f"pathmnist_{size}.npz"
-
-
 def _find_pathmnist(data_dir: str | Path | None, size: int | None, download: bool) -> Path:
     folder = Path(data_dir) if data_dir else _default_dir("medmnist")
     wanted = pathmnist_filename(size)
     if (folder / wanted).is_file():
         return folder / wanted
     if download:
-        from histotile.train.download_data import download_pathmnist
-
         return download_pathmnist(folder, size)
     # a subset saved under another name, e.g. pathmnist_train_first1000.npz (28 px only)
     others = {f"pathmnist_{s}" for s in (64, 128, 224)}
@@ -289,10 +279,9 @@ def load_pathmnist(path: Path, size: int | None, val_fraction: float,
         if s.images.ndim != 4 or s.images.shape[-1] != 3:
             raise DatasetError(f"images have shape {s.images.shape}, expected (N,H,W,3)",
                                "PathMNIST is RGB; use pathmnist*.npz", subject=str(path))
-    train, val, source = sets.get("train"), sets.get("val"), "official"
-    if train is not None and val is None:
-        train, val, source = _with_val(train, val_fraction, seed)
-    if train is None:
+    if "train" in sets:
+        train, val, source = _train_val(sets["train"], sets.get("val"), val_fraction, seed)
+    else:
         train, val, source = sets["test"], sets["test"], "test only"
     patch = size or native
     return DatasetSplits(
@@ -365,9 +354,7 @@ def load_pcam(where: Path, size: int | None, val_fraction: float, seed: int) -> 
         y = where.with_name(re.sub(r"_x\.h5$", "_y.h5", where.name))
         sets["train"] = _h5_patches(where, y, size)
         files = [where, y]
-    train, val, source = sets["train"], sets.get("val"), "official"
-    if val is None:
-        train, val, source = _with_val(train, val_fraction, seed)
+    train, val, source = _train_val(sets["train"], sets.get("val"), val_fraction, seed)
     native = size or int(_first_shape(sets["train"])[0])
     return DatasetSplits(
         name="pcam", train=train, val=val, test=sets.get("test"),
@@ -378,7 +365,7 @@ def load_pcam(where: Path, size: int | None, val_fraction: float, seed: int) -> 
 
 
 def _first_shape(ps: PatchSet) -> tuple[int, ...]:
-    return tuple(ps._image(0).shape) if ps.size is None else (ps.size, ps.size, 3)
+    return tuple(ps.read_image(0).shape) if ps.size is None else (ps.size, ps.size, 3)
 
 
 # --------------------------------------------------------------------------- Kaggle folder
@@ -395,7 +382,7 @@ def load_kaggle(folder: Path, size: int | None, val_fraction: float, seed: int) 
                            subject=str(folder))
     labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     base = FilePatches(paths, labels)
-    native = int(base._image(0).shape[0])
+    native = int(base.read_image(0).shape[0])
     base.size = size if size and size != native else None
     train, val, source = _with_val(base, val_fraction, seed)
     patch = size or native
@@ -441,12 +428,10 @@ def load_image_folder(folder: Path, size: int | None, val_fraction: float, seed:
             raise DatasetError(f"no images in the class folders of {root}",
                                "put .png/.jpg/.tif images in FOLDER/<class>/", subject=str(root))
         sets[split] = FilePatches(paths, np.array(labels))
-    native = int(sets["train"]._image(0).shape[0])
+    native = int(sets["train"].read_image(0).shape[0])
     for s in sets.values():
         s.size = size if size and size != native else None
-    train, val, source = sets["train"], sets.get("val"), "official"
-    if val is None:
-        train, val, source = _with_val(train, val_fraction, seed)
+    train, val, source = _train_val(sets["train"], sets.get("val"), val_fraction, seed)
     return DatasetSplits(
         name="folder", train=train, val=val, test=sets.get("test"), class_names=classes,
         colors=[_PALETTE[i % len(_PALETTE)] for i in range(len(classes))],

@@ -22,9 +22,10 @@ from histotile.models.card import ModelCard
 from histotile.models.loading import LoadedModel, load_model
 from histotile.models.preprocess import BatchPipeline, Preprocessing
 from histotile.options import EvaluateOptions
-from histotile.train.datasets import DatasetSplits, PatchSet, load_dataset
-from histotile.train.loop import _full_metrics, _write_reports, predict_probs
-from histotile.train.metrics import compare_models
+from histotile.training.datasets import DatasetSplits, PatchSet, load_dataset
+from histotile.training.loop import predict_probs
+from histotile.training.metrics import compare_models
+from histotile.training.report import full_metrics, write_reports
 
 log = logging.getLogger(__name__)
 FALLBACK_VAL_FRACTION = 0.1  # a card without a recorded split (and no --val-fraction)
@@ -99,7 +100,7 @@ def evaluate(model: str | Path | None, dataset: str | Path,
                                "split_source": _split_text(data, options.split, source),
                                "preprocessing": Preprocessing.from_card(card).describe(),
                                "options": options.to_dict()}
-    metrics.update(_full_metrics(y, probs, card.class_names, options.n_boot))
+    metrics.update(full_metrics(y, probs, card.class_names, options.n_boot))
     if options.compare is not None:
         other = load_model(options.compare, device=options.device)
         if other.card.class_names != card.class_names:
@@ -114,5 +115,5 @@ def evaluate(model: str | Path | None, dataset: str | Path,
     if options.out_dir is not None:
         out = Path(options.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_reports(out, metrics, None, y, probs, card.class_names, options.plots)
+        write_reports(out, metrics, None, y, probs, card.class_names, options.plots)
     return metrics

@@ -10,36 +10,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histotile import fileio
+from histotile.export.figures import new_figure, save_figure
+from histotile.training.metrics import compute_metrics
+
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "lr", "seconds")
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON (nan is refused: use None)."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    return _atomic_write_bytes(Path(path), text.encode())
+    return fileio.write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def history_columns(history: Sequence[dict[str, Any]]) -> list[str]:
@@ -57,22 +43,7 @@ def write_history_csv(path: str | Path, history: Sequence[dict[str, Any]]) -> Pa
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return _atomic_write_bytes(Path(path), buf.getvalue().encode())
-
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return _atomic_write_bytes(path, buf.getvalue())
-
-
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
+    return fileio.write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -100,7 +71,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
               and c.startswith(("val_", "train_")) and _series(history, c)[1]]
     panels = [("loss", losses), ("metric", scores)] + ([("learning rate", ["lr"])]
                                                        if "lr" in cols else [])
-    fig = _new_figure(4.6 * len(panels), 3.8)
+    fig = new_figure(4.6 * len(panels), 3.8)
     for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for key in keys:
@@ -116,7 +87,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) ->
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str],
@@ -127,7 +98,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str
     norm = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     n = len(class_names)
     side = max(4.0, 0.55 * n + 2.5)
-    fig = _new_figure(2 * side, side)
+    fig = new_figure(2 * side, side)
     font = 9 if n <= 10 else 7
     for i, (data, title, fmt) in enumerate(
             [(counts, "counts", "d"), (norm, "row-normalised (recall)", ".2f")]):
@@ -146,7 +117,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str
                 ax.text(c, r, format(data[r, c], fmt), ha="center", va="center", fontsize=font - 1,
                         color="white" if data[r, c] > threshold else "black")
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
@@ -156,7 +127,7 @@ def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
 
     y = np.asarray(y_true).reshape(-1).astype(np.int64)
     p = np.asarray(probs, dtype=np.float64)
-    fig = _new_figure(6.8, 5.6)
+    fig = new_figure(6.8, 5.6)
     ax = fig.add_subplot(1, 1, 1)
     classes = [1] if p.shape[1] == 2 else range(p.shape[1])
     colours = _colours(len(class_names))
@@ -177,7 +148,7 @@ def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def _colours(n: int) -> list[Any]:
@@ -254,7 +225,7 @@ def _fmt_ci(value: Any, ci: Any) -> str:
 def format_metrics_table(metrics: dict[str, Any]) -> str:
     """A short plain-text summary: overall metrics with 95 % CIs, then one row per class.
 
-    ``metrics`` is a :func:`~histotile.train.metrics.compute_metrics` result, or a dict holding
+    ``metrics`` is a :func:`~histotile.training.metrics.compute_metrics` result, or a dict holding
     several (e.g. ``{"validation": ..., "test": ...}``): one titled table each.
     """
     sections = _sections(metrics)
@@ -325,3 +296,34 @@ def small_validation_warning(section: dict[str, Any]) -> str | None:
         return None
     return (f"the validation set is too small to mean much: {'; '.join(reasons)}; use more "
             f"data, a larger --val-fraction, or a dataset with a validation split")
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+def headline(m: dict[str, Any], split: str) -> dict[str, Any]:
+    """The card's summary of a metrics dict: accuracy, balanced accuracy, AUC, n, 95 % CIs."""
+    keys = ("accuracy", "balanced_accuracy", "auc", "n")
+    out = {k: m[k] for k in keys if k in m}
+    if "ci" in m:
+        out["ci95"] = {k: m["ci"][k] for k in ("accuracy", "auc") if k in m["ci"]}
+    out["split"] = split
+    return out
+
+
+def full_metrics(y: np.ndarray, probs: np.ndarray, names: list[str],
+                 n_boot: int = 1000) -> dict[str, Any]:
+    """:func:`histotile.training.metrics.compute_metrics` with ``n`` always present."""
+    m = compute_metrics(y, probs, names, n_boot=n_boot)
+    m.setdefault("n", int(len(y)))
+    return m
+
+
+def write_reports(out: Path, metrics: dict[str, Any], history: list[dict[str, Any]] | None,
+                  y: np.ndarray, probs: np.ndarray, names: list[str],
+                  plots: bool = True) -> list[Path]:
+    """metrics.json, history.csv and (``plots``) the pictures of :func:`write_report`."""
+    if plots:
+        return write_report(out, metrics, history, y, probs, names)
+    paths = [write_json(out / "metrics.json", metrics)]
+    if history:
+        paths.append(write_history_csv(out / "history.csv", history))
+    return paths

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from histotile import __version__
-from histotile.errors import InvalidArgumentError
+from histotile.errors import InputNotFoundError, InvalidArgumentError
+from histotile.fileio import commit, json_safe, temp_path
 
 VALUE_SCALE = 255
 COVERAGE_PREDICTED, COVERAGE_UNREADABLE = 1, 2  # labels/coverage values (0: not predicted)
@@ -40,7 +41,7 @@ _EPS = 1e-6  # float tolerance on level-0 positions
 _ENCODING = {"name": "v2", "separator": "/"}
 
 
-def _pair(value: Any) -> tuple[float, float]:
+def as_pair(value: Any) -> tuple[float, float]:
     """(x, y) from a scalar or a pair."""
     if isinstance(value, (list, tuple, np.ndarray)):
         return float(value[0]), float(value[1])
@@ -301,8 +302,8 @@ class HeatmapWriter:
 
     ``attrs`` carries the grid geometry (``origin_level0``, ``stride_level0``,
     ``patch_size_level0``, ``slide_mpp``, ``mpp_source``; e.g. ``PatchGrid.to_attrs()``) and is
-    stored under ``histotile`` with the class names and ``value_scale``. Written to
-    ``<path>.tmp`` and renamed on :meth:`close`.
+    stored under ``histotile`` with the class names and ``value_scale``. Written to a
+    temporary folder beside ``path`` and renamed on :meth:`close`.
     """
 
     def __init__(
@@ -318,22 +319,20 @@ class HeatmapWriter:
         import zarr
 
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        self.tmp = temp_path(self.path)
         self.attrs = dict(attrs)
         self.class_names = list(class_names)
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=2)
         mpp = self.attrs.get("slide_mpp")
-        mpp_x, mpp_y = _pair(mpp) if mpp is not None else (1.0, 1.0)
+        mpp_x, mpp_y = as_pair(mpp) if mpp is not None else (1.0, 1.0)
         self._mpp = (mpp_x, mpp_y)
         self._unit = "micrometer" if mpp is not None else None
-        self._origin = _pair(self.attrs.get("origin_level0", (0, 0)))
+        self._origin = as_pair(self.attrs.get("origin_level0", (0, 0)))
         stride = self.attrs.get("stride_level0")
         if stride is None:
             raise InvalidArgumentError("heatmap attrs lack stride_level0",
                                        "pass the grid's to_attrs()")
-        sx, sy = _pair(stride)
+        sx, sy = as_pair(stride)
         self.image = MultiscaleWriter(
             self.root, "", channel_names=self.class_names, channel_colors=class_colors,
             grid_shape=grid_shape, expected=indices_all,
@@ -375,7 +374,7 @@ class HeatmapWriter:
         """Another multiscale image ``name`` in the same store (e.g. ``gradcam``): each grid patch
         (col, row) is a ``block x block`` pixel block; one pixel covers ``stride_level0`` level-0
         px. Write to it with ``.write(indices, values (n, C, block, block))``; closed with us."""
-        sx, sy = _pair(stride_level0)
+        sx, sy = as_pair(stride_level0)
         cols, rows = self.image.width, self.image.height
         writer = MultiscaleWriter(
             self.root, name, channel_names=channel_names, channel_colors=channel_colors,
@@ -394,18 +393,15 @@ class HeatmapWriter:
         return self.image.peak_open_chunks
 
     def close(self) -> Path:
-        """Flush, build pyramids, write metadata and rename ``<path>.tmp`` to ``path``."""
+        """Flush, build pyramids, write metadata and rename the temporary store to ``path``."""
         if self.image.closed:
             return self.path
         self.image.close()
         for extra in self._extra:
             extra.close()
         self.attrs["levels"] = self.image.levels
-        self.root.attrs.update({"histotile": _jsonable(self.attrs)})
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.tmp.rename(self.path)
-        return self.path
+        self.root.attrs.update({"histotile": json_safe(self.attrs)})
+        return commit(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the partial store."""
@@ -422,25 +418,10 @@ class HeatmapWriter:
             self.abort()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def open_heatmap(path: str | Path) -> Any:
     """The heatmap's root zarr group (read-only)."""
     import zarr
 
-    from histotile.errors import InputNotFoundError
 
     if not Path(path).exists():
         raise InputNotFoundError(f"no heatmap at {path}", "run histotile predict first")
@@ -470,8 +451,8 @@ def heatmap_pixel_to_level0(col: Any, row: Any, attrs: dict[str, Any]) -> tuple[
     fractional stride (grids on a level with a non-integer downsample) rounded up, as
     :mod:`histotile.grid` places patches. Works on scalars and arrays.
     """
-    ox, oy = _pair(attrs["origin_level0"])
-    sx, sy = _pair(attrs["stride_level0"])
+    ox, oy = as_pair(attrs["origin_level0"])
+    sx, sy = as_pair(attrs["stride_level0"])
     x = np.ceil(ox + np.asarray(col, dtype=np.float64) * sx - _EPS).astype(np.int64)
     y = np.ceil(oy + np.asarray(row, dtype=np.float64) * sy - _EPS).astype(np.int64)
     if x.ndim == 0:
@@ -481,8 +462,8 @@ def heatmap_pixel_to_level0(col: Any, row: Any, attrs: dict[str, Any]) -> tuple[
 
 def level0_to_heatmap_pixel(x: Any, y: Any, attrs: dict[str, Any]) -> tuple[Any, Any]:
     """Heatmap pixel (col, row) whose stride cell contains level-0 point (x, y)."""
-    ox, oy = _pair(attrs["origin_level0"])
-    sx, sy = _pair(attrs["stride_level0"])
+    ox, oy = as_pair(attrs["origin_level0"])
+    sx, sy = as_pair(attrs["stride_level0"])
     col = np.floor((np.asarray(x, dtype=np.float64) - ox) / sx + _EPS).astype(np.int64)
     row = np.floor((np.asarray(y, dtype=np.float64) - oy) / sy + _EPS).astype(np.int64)
     if col.ndim == 0:

@@ -13,7 +13,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from histotile.download import download
 from histotile.errors import DatasetError
+from histotile.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,20 @@ PCAM_MD5 = {  # of the .h5.gz files (torchvision.datasets.PCAM)
 }
 
 
+def pathmnist_filename(size: int | None) -> str:
+    """``pathmnist.npz`` (28 px) or ``pathmnist_SIZE.npz``."""
+    if size in (None, 28):
+        return "pathmnist.npz"
+    if size not in (64, 128, 224):
+        raise DatasetError(f"PathMNIST comes at 28, 64, 128 or 224 px, not {size}",
+                           "use --size 28, 64, 128 or 224")
+    return f"pathmnist_{size}.npz"
+
+
 def download_pathmnist(folder: str | Path, size: int | None = None, *, url: str | None = None,
                        md5: str | None = None, progress: bool = True) -> Path:
     """Fetch ``pathmnist[_SIZE].npz`` into ``folder`` (md5-checked); ``url``/``md5`` override
     the official source (mirrors, tests)."""
-    from histotile.download import download
-    from histotile.train.datasets import pathmnist_filename
-
     name = pathmnist_filename(size)
     url = url or f"{MEDMNIST_RECORD}/{name}?download=1"
     return download(url, Path(folder) / name, md5=md5 or PATHMNIST_MD5[name], progress=progress)
@@ -51,8 +60,6 @@ def download_pcam(folder: str | Path, splits: tuple[str, ...] = ("train", "valid
                   base_url: str = PCAM_RECORD, md5: dict[str, str] | None = None,
                   progress: bool = True) -> list[Path]:
     """Fetch and gunzip the PCam ``camelyonpatch_level_2_split_{split}_{x,y}.h5`` files."""
-    from histotile.download import download
-
     folder = Path(folder)
     sums = {**PCAM_MD5, **(md5 or {})}
     out = []
@@ -70,14 +77,11 @@ def download_pcam(folder: str | Path, splits: tuple[str, ...] = ("train", "valid
 
 def gunzip(src: Path, dest: Path) -> Path:
     """Decompress ``src`` to ``dest`` through a temporary file (renamed when complete)."""
-    tmp = dest.with_name(dest.name + ".tmp")
     try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with atomic_path(dest) as tmp, gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
     except (OSError, EOFError) as exc:
-        tmp.unlink(missing_ok=True)
         raise DatasetError(f"cannot decompress {src.name} ({exc})",
                            "delete it and download again", subject=str(src)) from None
-    tmp.replace(dest)
     log.info("decompressed %s", dest)
     return dest
