@@ -104,7 +104,7 @@ def make_grid(slide: Slide, patch_size: int, target_mpp: float | None = None,
     slide_mpp = slide.require_mpp() if (target_mpp is not None or slide.mpp) else None
     if level is None:
         level = slide.best_level_for_mpp(target_mpp) if target_mpp is not None else 0
-    slide._check_level(level)
+    slide.check_level(level)
     ds = slide.level_downsamples[level]
     level_mpp = slide_mpp * ds if slide_mpp else None
     if target_mpp is not None:

@@ -159,7 +159,7 @@ def _open_backend(path: Path, backend: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return tiffslide.TiffSlide(str(path))
-    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one typed error
+    except Exception as exc:  # every reader failure becomes one typed error
         if isinstance(exc, HistotileError):
             raise
         if backend == "tiffslide" and pick_backend(path) == "openslide":
@@ -264,7 +264,7 @@ class Slide:
 
     def level_mpp(self, level: int) -> float:
         """Microns per pixel at ``level``."""
-        self._check_level(level)
+        self.check_level(level)
         return self.require_mpp() * self.level_downsamples[level]
 
     def best_level_for_mpp(self, target_mpp: float) -> int:
@@ -275,7 +275,7 @@ class Slide:
         ok = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= target_mpp * (1 + 1e-3)]
         return max(ok, key=self.level_mpp) if ok else 0
 
-    def _check_level(self, level: int) -> None:
+    def check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
             raise InvalidArgumentError(
                 f"level {level} does not exist (the slide has {self.level_count})",
@@ -308,7 +308,7 @@ class Slide:
 
         Areas outside the slide (and transparent pixels) are white.
         """
-        self._check_level(level)
+        self.check_level(level)
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise InvalidArgumentError(f"region size {size} is empty", "use a positive size",
@@ -317,7 +317,7 @@ class Slide:
             if self.backend == "openslide" and self._pixels is None:
                 return self._read_openslide(location, level, (w, h))
             return self._read_clipped(location, level, (w, h))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if isinstance(exc, InvalidArgumentError):
                 raise
             self._recover_after_error()

@@ -361,7 +361,7 @@ class MacenkoNormalizer:
 
     def __init__(
         self,
-        Io: float = 240,  # noqa: N803 - the name used in the literature and torchstain
+        Io: float = 240,  # the name used in the literature and torchstain
         alpha: float = 1.0,
         beta: float = 0.15,
         reference: StainReference | None = None,

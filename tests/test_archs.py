@@ -75,7 +75,8 @@ def test_trains_on_pathmnist_and_predicts_on_slide(arch: str, small_npz: Path, t
     summary = predict(cmu_small, tmp_path / "pred", model=folder, device="cpu", batch_size=64,
                       stain_norm="none", progress=False)
     assert summary.exit_code == 0, [r.error for r in summary.failed]
-    rows = list(csv.DictReader(open(tmp_path / "pred" / cmu_small.stem / "predictions.csv")))
+    rows = list(csv.DictReader((tmp_path / "pred" / cmu_small.stem / "predictions.csv")
+                               .read_text().splitlines()))
     assert len(rows) > 10
     probs = np.array([[float(r[f"prob_{c}"]) for c in loaded.card.class_names] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
@@ -192,7 +193,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def send_head(self):  # noqa: ANN201
+    def send_head(self):
         rng = self.headers.get("Range")
         path = Path(self.translate_path(self.path))
         if rng is None or not path.is_file():

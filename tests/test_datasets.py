@@ -76,14 +76,14 @@ def test_pcam_h5_folder_lazy_and_workers(tmp_path: Path) -> None:
     assert data.mpp == pytest.approx(0.972) and data.class_names == ["normal", "tumor"]
     assert isinstance(data.train, H5Patches)
     data.train[0]  # opens a handle in this process ...
-    assert pickle.loads(pickle.dumps(data.train))._h5 is None  # ... which is never pickled
-    parent_handle = data.train._h5  # and forked workers (below) open their own
+    assert pickle.loads(pickle.dumps(data.train))._h5 is None  # ... which is never pickled  # noqa: SLF001 - checks the h5py handle is per process
+    parent_handle = data.train._h5  # and forked workers (below) open their own  # noqa: SLF001 - checks the h5py handle is per process
     loader = DataLoader(data.train, batch_size=4, num_workers=2)
     got = np.concatenate([b[0].numpy() for b in loader])
     labels = np.concatenate([b[1].numpy() for b in loader])
     np.testing.assert_array_equal(got, x[:10])
     np.testing.assert_array_equal(labels, y[:10])
-    assert data.train._h5 is parent_handle and data.train._pid == os.getpid()
+    assert data.train._h5 is parent_handle and data.train._pid == os.getpid()  # noqa: SLF001 - checks the h5py handle is per process
 
 
 def test_pcam_single_file_pair(tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ class _FlakyHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep test output quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:  # http.server API
         path = Path(self.translate_path(self.path.split("?")[0]))
         if not path.is_file():
             self.send_error(404)

@@ -50,7 +50,7 @@ def test_pathmnist_subset(tmp_path: Path) -> None:
 
 
 def _kaggle_labels(folder: Path) -> tuple[list[str], np.ndarray]:
-    rows = list(csv.DictReader(open(folder / "train_labels.csv")))
+    rows = list(csv.DictReader((folder / "train_labels.csv").read_text().splitlines()))
     return [r["id"] for r in rows], np.array([int(r["label"]) for r in rows])
 
 

@@ -21,7 +21,7 @@ from histotile.engine import (
 
 
 @pytest.fixture(scope="module")
-def setup(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def setup(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory):
     from histotile.grid import make_grid
     from histotile.patches import plan_regions
     from histotile.slide import open_slide
@@ -37,7 +37,7 @@ def setup(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: A
     slide.close()
 
 
-def test_region_dataset_matches_single_patch_reads(setup) -> None:  # noqa: ANN001
+def test_region_dataset_matches_single_patch_reads(setup) -> None:
     from histotile.patches import read_patch
 
     slide, grid, regions, _ = setup
@@ -51,11 +51,11 @@ def test_region_dataset_matches_single_patch_reads(setup) -> None:  # noqa: ANN0
         np.testing.assert_array_equal(patches[k], read_patch(slide, grid, int(idx[k])))
 
 
-def test_worker_processes_open_their_own_handle(setup) -> None:  # noqa: ANN001
+def test_worker_processes_open_their_own_handle(setup) -> None:
     slide, grid, regions, _ = setup
     ds = RegionDataset(slide.spec, grid, regions)
     seen = list(iter_regions(ds, workers=1))
-    assert ds._slide is None, "the main process must not open a handle for the workers"
+    assert ds._slide is None, "the main process must not open a handle for the workers"  # noqa: SLF001 - checks the main process opened no handle
     thread = list(iter_regions(RegionDataset(slide.spec, grid, regions), workers=0))
     assert len(seen) == len(thread) == len(regions)
     for a, b in zip(seen, thread, strict=True):
@@ -63,7 +63,7 @@ def test_worker_processes_open_their_own_handle(setup) -> None:  # noqa: ANN001
         np.testing.assert_array_equal(np.asarray(a[1]), b[1])
 
 
-def test_rebatch_gives_fixed_batches_in_order(setup) -> None:  # noqa: ANN001
+def test_rebatch_gives_fixed_batches_in_order(setup) -> None:
     slide, grid, regions, _ = setup
     items = [RegionDataset(slide.spec, grid, regions)[i] for i in range(4)]
     sizes = [len(it[0]) for it in items]
@@ -79,7 +79,7 @@ def test_rebatch_gives_fixed_batches_in_order(setup) -> None:  # noqa: ANN001
 
 
 def test_thread_prefetch_passes_errors_on() -> None:
-    def items():  # noqa: ANN202
+    def items():
         yield 1
         raise RuntimeError("reader failed")
 
@@ -90,13 +90,13 @@ def test_thread_prefetch_passes_errors_on() -> None:
     assert got == [1]
 
 
-def test_model_is_loaded_lazily_and_once(setup) -> None:  # noqa: ANN001
+def test_model_is_loaded_lazily_and_once(setup) -> None:
     from histotile.models.loading import load_model
 
     _, _, _, model = setup
     calls = []
 
-    def lazy():  # noqa: ANN202
+    def lazy():
         calls.append(1)
         return load_model(model, "cpu")
 
@@ -110,7 +110,7 @@ def test_model_is_loaded_lazily_and_once(setup) -> None:  # noqa: ANN001
     assert all(p.dtype == np.float32 and np.allclose(p.sum(1), 1, atol=1e-5) for _, p in out)
 
 
-def test_results_do_not_depend_on_workers_or_batch_size(setup) -> None:  # noqa: ANN001
+def test_results_do_not_depend_on_workers_or_batch_size(setup) -> None:
     from histotile.models.loading import load_model
 
     slide, grid, regions, model = setup
@@ -144,7 +144,7 @@ def test_compute_plan_spreads_streams_over_cores(monkeypatch: pytest.MonkeyPatch
     assert engine.compute_plan(cuda, 4).streams == 1
 
 
-def test_parallel_streams_give_the_same_results_in_order(setup) -> None:  # noqa: ANN001
+def test_parallel_streams_give_the_same_results_in_order(setup) -> None:
     from histotile.engine import ComputePlan
     from histotile.models.loading import load_model
 

@@ -113,7 +113,7 @@ def test_batch_equals_per_patch_and_model_is_left_as_found():
     assert batch.shape == (6, 3, 3) and (batch >= 0).all()
     assert model.training and torch.is_grad_enabled()
     assert all(p.grad is None for p in model.parameters())
-    assert not model.layer4._forward_hooks
+    assert not model.layer4._forward_hooks  # noqa: SLF001 - checks the hook was removed
     for k, v in model.state_dict().items():  # eval() during the call: BN stats untouched
         assert torch.equal(v, before[k]), k
 

@@ -119,7 +119,7 @@ def test_hand_checked_binary_auc_with_a_tie() -> None:
     y = np.array([1, 1, 1, 0, 0, 0, 0])
     m = M.compute_metrics(y, scores, ["normal", "tumour"], n_boot=0)  # 1-D score accepted
     assert m["auc"] == pytest.approx(19 / 24)
-    assert M._weighted_auc(y == 1, scores, np.ones((1, 7)))[0] == pytest.approx(19 / 24)
+    assert M._weighted_auc(y == 1, scores, np.ones((1, 7)))[0] == pytest.approx(19 / 24)  # noqa: SLF001 - the vectorised internals against scikit-learn
 
 
 # ----------------------------------------------------------------------------- real data
@@ -154,10 +154,10 @@ def test_vectorised_weighted_auc_equals_sklearn_sample_weight(pathmnist: dict, r
     y, p = pathmnist["y"], pathmnist["pool"]
     if rounding:
         p = np.round(p, rounding)  # many ties
-    w = next(M._bootstrap_weights(y, 6, np.random.default_rng(3), stratified=False))
+    w = next(M._bootstrap_weights(y, 6, np.random.default_rng(3), stratified=False))  # noqa: SLF001 - the vectorised internals against scikit-learn
     assert np.all(w.sum(1) == len(y))
     for k in (0, 4, 8):
-        got = M._weighted_auc(y == k, p[:, k], w)
+        got = M._weighted_auc(y == k, p[:, k], w)  # noqa: SLF001 - the vectorised internals against scikit-learn
         want = [roc_auc_score(y == k, p[:, k], sample_weight=row) for row in w]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
@@ -182,7 +182,7 @@ def test_bootstrap_ci_contains_estimate_and_is_seeded(pathmnist: dict) -> None:
 
 def test_stratified_resamples_keep_class_counts(pathmnist: dict) -> None:
     y = pathmnist["y"]
-    w = next(M._bootstrap_weights(y, 5, np.random.default_rng(0), stratified=True))
+    w = next(M._bootstrap_weights(y, 5, np.random.default_rng(0), stratified=True))  # noqa: SLF001 - the vectorised internals against scikit-learn
     counts = np.stack([w[:, y == k].sum(1) for k in range(9)], axis=1)
     assert np.all(counts == np.bincount(y, minlength=9))
 

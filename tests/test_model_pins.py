@@ -29,7 +29,7 @@ def host(tmp_path: Path, monkeypatch):
     requests: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):  # http.server's name
             requests.append(self.path)
             super().do_GET()
 

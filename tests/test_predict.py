@@ -337,7 +337,7 @@ def test_model_loaded_once_per_run(tmp_path: Path, model28: Path,
     calls: list[str] = []
     real = loading.load_model
 
-    def counting(spec, device="cpu"):  # noqa: ANN001, ANN202
+    def counting(spec, device="cpu"):
         calls.append(str(spec))
         return real(spec, device)
 

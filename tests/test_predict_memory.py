@@ -31,7 +31,7 @@ print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-def _make_slide_module():  # noqa: ANN202
+def _make_slide_module():
     spec = importlib.util.spec_from_file_location("histotile_bench_make_slide", MAKE_SLIDE)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

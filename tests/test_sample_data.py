@@ -29,7 +29,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def send_head(self):  # noqa: ANN201
+    def send_head(self):
         header = self.headers.get("Range")
         if not header:
             return super().send_head()

@@ -84,7 +84,8 @@ def test_folder_predicts_on_slide(model: Path, cmu_small: Path, tmp_path: Path) 
     summary = predict(cmu_small, tmp_path, model=model, device="cpu", stain_norm="none",
                       progress=False)
     assert summary.exit_code == 0, [r.error for r in summary.failed]
-    rows = list(csv.DictReader(open(tmp_path / cmu_small.stem / "predictions.csv")))
+    rows = list(csv.DictReader((tmp_path / cmu_small.stem / "predictions.csv")
+                               .read_text().splitlines()))
     assert len(rows) > 10
 
 

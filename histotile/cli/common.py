@@ -26,7 +26,7 @@ def report_failure(subject: str, exc: Exception, debug: bool) -> None:
         echo_err(f"error: {subject}: {type(exc).__name__}: {exc} (run with --debug for details)")
 
 
-def field_option(cls: type, name: str, *decls: str, help: str,  # noqa: A002 - click's name
+def field_option(cls: type, name: str, *decls: str, help: str,  # click's name
                  **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A click option for field ``name`` of options class ``cls``: its default, its type and
     its choices (a ``Literal``) come from the field, so they are written once. The value is

@@ -51,7 +51,7 @@ class _GzipText(io.TextIOWrapper):
 def _open_text(path: Path, gz: bool, level: int = 6) -> IO[str]:
     if gz:
         return _GzipText(path, level)
-    return open(path, "w", encoding="utf-8")  # noqa: SIM115 - caller closes
+    return open(path, "w", encoding="utf-8")  # caller closes
 
 
 def open_geojson(path: str | Path) -> Any:
@@ -59,7 +59,7 @@ def open_geojson(path: str | Path) -> Any:
     path = Path(path)
     if path.suffix == ".gz":
         return gzip_module.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")  # noqa: SIM115
+    return open(path, encoding="utf-8")
 
 
 def _classification(name: str, color: Sequence[int]) -> str:

@@ -59,7 +59,7 @@ def _dask_item(item: Path, stem: str, out_dir: Path, process_factory: Callable[[
     """The task a dask worker runs: exactly :func:`histotile.batch.process_item`."""
     try:
         process = _cached_process(process_factory)
-    except Exception as exc:  # building the process (loading a model) failed on this worker
+    except Exception as exc:  # noqa: BLE001 - building the process (loading a model) failed on this worker
         return ItemResult(str(item), "failed", error=error_line(exc))
     return process_item(item, stem, out_dir, process, fingerprint, overwrite=overwrite,
                         lock_timeout=lock_timeout, layout=layout)
@@ -140,7 +140,7 @@ def run_with_dask(items: Sequence[str | os.PathLike[str]], out_dir: str | os.Pat
             i = futures[fut]
             try:
                 result: ItemResult = fut.result()
-            except Exception as exc:  # the worker died (OOM, segfault) or lost the task
+            except Exception as exc:  # noqa: BLE001 - the worker died (OOM, segfault) or lost the task
                 result = ItemResult(str(paths[i]), "failed", error=error_line(exc))
             results[i] = result
             if result.status == "failed" and report is not None:

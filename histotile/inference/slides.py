@@ -91,7 +91,7 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
             slide = open_slide(item, backend=ctx.options.backend, slide_mpp=ctx.options.slide_mpp)
         except HistotileError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a reader crash on a damaged file
+        except Exception as exc:  # a reader crash on a damaged file
             raise CorruptSlideError(
                 f"cannot be read as a slide ({type(exc).__name__}: {exc})",
                 "the file may be truncated or corrupt; re-copy it", subject=str(item)) from exc

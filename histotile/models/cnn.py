@@ -37,7 +37,7 @@ def smallcnn(num_classes: int, patch_size: int, width: int = 32, dropout: float 
                 nn.Linear(4 * w, num_classes),
             )
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             f = self.features
             x = self.pool(f[0](x))
             x = self.pool(f[1](x))
