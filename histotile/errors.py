@@ -51,7 +51,8 @@ class UnreadableRegionError(CorruptSlideError):
                  level: int = 0, box_level0: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
         super().__init__(message, hint, subject)
         self.level = level
-        self.box_level0 = tuple(int(v) for v in box_level0)
+        x, y, w, h = (int(v) for v in box_level0)
+        self.box_level0 = (x, y, w, h)
 
     def __reduce__(self):  # picklable across DataLoader workers with its extra fields
         return (type(self), (self.message, self.hint, self.subject, self.level,

@@ -107,14 +107,14 @@ def make_grid(slide: Slide, patch_size: int, target_mpp: float | None = None,
     slide.check_level(level)
     ds = slide.level_downsamples[level]
     level_mpp = slide_mpp * ds if slide_mpp else None
-    if target_mpp is not None:
-        if target_mpp <= 0 or target_mpp < level_mpp / MAX_UPSAMPLE:  # type: ignore[operator]
+    if target_mpp is not None and level_mpp is not None:  # require_mpp() above: known
+        if target_mpp <= 0 or target_mpp < level_mpp / MAX_UPSAMPLE:
             raise InvalidArgumentError(
                 f"target {target_mpp:g} um/px is far finer than level {level} "
                 f"({level_mpp:.4g} um/px)",
                 f"use --mpp >= {level_mpp / MAX_UPSAMPLE:.4g}, --level, or --slide-mpp if the "
                 "slide's pixel size is wrong", subject)
-        psl = max(1, int(round(patch_size * target_mpp / level_mpp)))  # type: ignore[operator]
+        psl = max(1, int(round(patch_size * target_mpp / level_mpp)))
     else:
         psl = patch_size
     effective = psl * level_mpp / patch_size if level_mpp else None

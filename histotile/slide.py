@@ -122,7 +122,7 @@ def _fast_pixel_reader(path: Path, slide: Slide) -> Any:
         return None
     from histotile.tiff_tiles import open_tile_reader
 
-    return open_tile_reader(path, slide.level_dimensions)
+    return open_tile_reader(path, [(int(d[0]), int(d[1])) for d in slide.level_dimensions])
 
 
 def _not_a_slide(path: Path, exc: Exception) -> Exception:
@@ -347,7 +347,7 @@ class Slide:
         """The file's tile width at ``level`` (1 when untiled or unknown)."""
         value = self.properties.get(f"{self.backend}.level[{level}].tile-width")
         try:
-            return max(1, int(value))
+            return max(1, int(value)) if value is not None else 1
         except (TypeError, ValueError):
             return 1
 

@@ -128,7 +128,7 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values:
 
 
 def closing_lines(summary, out_dir: str, max_warnings: int = 5
-                  ) -> tuple[list[str], str | None]:  # noqa: ANN001 - BatchSummary
+                  ) -> tuple[list[str], str | None]:  # summary: a BatchSummary
     """The run's last words, from each finished item's run.json: one line per item that looks
     outside the model's domain (at most ``max_warnings``, then a count), and where the results
     are with what to open first."""

@@ -75,7 +75,7 @@ class PredictionsCSVWriter(AtomicTextWriter):
         if not self.status_column:
             raise InvalidArgumentError("unreadable rows need the status column",
                                        "create the writer with status_column=True")
-        w, h = (self.size, self.size) if np.ndim(self.size) == 0 else self.size  # type: ignore
+        w, h = np.broadcast_to(np.asarray(self.size, np.float64), (2,)).tolist()
         empty = "," * (len(self.class_names) + 1 + len(self.extra_columns))
         self._fh.write("".join(f"{_num(x)},{_num(y)},{_num(w)},{_num(h)}{empty},"
                                f"{STATUS_UNREADABLE}\n" for x, y in coords.tolist()))
@@ -119,7 +119,7 @@ def iter_predictions_csv(path: str | Path, chunk_rows: int = 20000) -> Iterator[
         reader = csv.reader(fh)
         header = next(reader, None)
         names = _header(path, iter([header] if header is not None else []))
-        extra = _extra_names(header)
+        extra = _extra_names(header or [])  # _header refused a missing header
         rows: list[list[str]] = []
         for row in reader:
             rows.append(row)

@@ -44,7 +44,7 @@ def patch_index_image(shape: tuple[int, int], thumb_downsample: float, coords: n
     """(h, w) int32 array at thumbnail scale: the index of the patch covering each pixel, -1
     where no patch. Later patches win where patches overlap."""
     out = np.full(shape, -1, np.int32)
-    pw, ph = (patch_size_level0 if np.ndim(patch_size_level0) else (patch_size_level0,) * 2)
+    pw, ph = np.broadcast_to(np.asarray(patch_size_level0, np.float64), (2,)).tolist()
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     x0 = np.floor(coords[:, 0] / thumb_downsample).astype(int)
     y0 = np.floor(coords[:, 1] / thumb_downsample).astype(int)

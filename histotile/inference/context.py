@@ -71,7 +71,8 @@ class PredictContext:
             return None, {**info, "method": "none", "requested_method": plan.method,
                           "fit_error": exc.message}
         return StainStep(normalizer, fit), {
-            **info, "mode": "per slide", "sample_patches": int(len(sample)), "seed": STAIN_SEED,
+            **info, "mode": "per slide", "sample_patches": 0 if sample is None else len(sample),
+            "seed": STAIN_SEED,
             "fit": {"stain_matrix": fit.stain_matrix.double().cpu().tolist(),
                     "max_concentrations": fit.max_concentrations.double().cpu().tolist(),
                     "n_pixels": int(fit.n_pixels)}}

@@ -131,7 +131,8 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
         "tissue": {"method": tissue.method, "threshold": float(tissue.threshold),
                    "fraction": round(tissue.fraction, 4), "downsample": tissue.downsample,
                    "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape),
-                   "illumination": tissue.illumination.to_dict(), **tissue_info(tissue)},
+                   "illumination": tissue.illumination.to_dict()
+                   if tissue.illumination is not None else None, **tissue_info(tissue)},
         "stain": stain_info,
         "settings": {"batch_size": ctx.options.batch_size, "workers": ctx.effective_workers(),
                      "min_tissue": ctx.options.min_tissue, "overlap": ctx.options.overlap,

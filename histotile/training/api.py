@@ -15,6 +15,7 @@ from typing import Any
 from histotile import fileio
 from histotile.errors import InvalidArgumentError
 from histotile.models.architectures import architecture_names
+from histotile.models.card import Metrics
 from histotile.models.loading import resolve_device
 from histotile.models.preprocess import BatchPipeline
 from histotile.training.card import build_card
@@ -95,8 +96,8 @@ def train(dataset: str | Path, out_dir: str | Path = "histotile-model", arch: st
     metrics: dict[str, Any] = {"best_epoch": best["epoch"]}
     val_probs = predict_probs(module, data.val, pipe, batch_size, workers)
     metrics["validation"] = full_metrics(data.val.labels, val_probs, card.class_names, n_boot)
-    card.metrics = {"validation": headline(metrics["validation"], data.val_source),
-                    "best_epoch": best["epoch"]}
+    card.metrics = Metrics(validation=headline(metrics["validation"], data.val_source),
+                           best_epoch=best["epoch"])
     if data.test is not None:
         test_probs = predict_probs(module, data.test, pipe, batch_size, workers, progress,
                                    "test")

@@ -10,7 +10,15 @@ import numpy as np
 
 from histotile.download import file_digest
 from histotile.errors import DatasetError
-from histotile.models.card import ClassInfo, ModelCard
+from histotile.models.card import (
+    Architecture,
+    ClassInfo,
+    InputNorm,
+    ModelCard,
+    StainSpec,
+    Training,
+    Weights,
+)
 from histotile.stain import MacenkoNormalizer, StainReference
 from histotile.training.config import WEIGHTS, TrainConfig
 
@@ -29,16 +37,16 @@ def build_card(cfg: TrainConfig, data: DatasetSplits, name: str, command: str,
         stain["reference"] = stain_reference(cfg.stain_reference, data).to_dict()
         stain["in_training"] = cfg.stain_train
     return ModelCard(
-        name=name, version="1.0", architecture={"name": cfg.arch, "kwargs": cfg.arch_kwargs},
+        name=name, version="1.0", architecture=Architecture(cfg.arch, dict(cfg.arch_kwargs)),
         classes=[ClassInfo(n, (int(c[0]), int(c[1]), int(c[2])))
                  for n, c in zip(data.class_names, data.colors, strict=True)],
         patch_size=data.patch_size, mpp=round(float(data.mpp), 6),
-        input={"mean": mean, "std": std}, stain=stain,
-        weights={"file": WEIGHTS, "sha256": "0" * 64, "format": "safetensors"},
-        training={"data": data.description, "data_md5": _data_md5(data.files),
-                  "command": command, "seed": cfg.seed, "val_split": data.val_source,
-                  "val_fraction": cfg.val_fraction,
-                  "recipe": _recipe(cfg), "n_train": len(data.train), "n_val": len(data.val)},
+        input=InputNorm(mean, std), stain=StainSpec.from_dict(stain),
+        weights=Weights(WEIGHTS, "0" * 64, "safetensors"),
+        training=Training(data=data.description, data_md5=_data_md5(data.files),
+                          command=command, seed=cfg.seed, val_split=data.val_source,
+                          val_fraction=cfg.val_fraction, recipe=_recipe(cfg),
+                          n_train=len(data.train), n_val=len(data.val)),
         license="CC-BY-4.0" if data.name == "pathmnist" else "",
     )
 

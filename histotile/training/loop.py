@@ -60,7 +60,8 @@ def make_loader(ps: PatchSet, batch_size: int, workers: int, shuffle: bool = Fal
                 gen: torch.Generator | None = None, pin: bool = False) -> Any:
     from torch.utils.data import DataLoader
 
-    return DataLoader(ps, batch_size=batch_size, shuffle=shuffle, generator=gen,
+    dataset: Any = ps  # a map-style dataset (len, getitem); torch's type is not a Protocol
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
                       num_workers=workers, pin_memory=pin, drop_last=False,
                       persistent_workers=False)
 

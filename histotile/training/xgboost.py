@@ -28,6 +28,7 @@ import numpy as np
 
 from histotile import fileio
 from histotile.errors import InvalidArgumentError
+from histotile.models.card import Metrics
 from histotile.models.xgboost import patch_features, predict_proba
 from histotile.training.card import build_card
 from histotile.training.config import TrainConfig
@@ -134,8 +135,8 @@ def train_xgboost(dataset: str | Path, out_dir: str | Path = "histotile-model-xg
     metrics: dict[str, Any] = {"best_epoch": best_round}
     val_probs = predict_proba(booster, fva)
     metrics["validation"] = full_metrics(yva, val_probs, card.class_names, n_boot)
-    card.metrics = {"validation": headline(metrics["validation"], data.val_source),
-                    "best_epoch": best_round}
+    card.metrics = Metrics(validation=headline(metrics["validation"], data.val_source),
+                           best_epoch=best_round)
     if data.test is not None:
         xte, yte = _arrays(data.test, progress, "test patches")
         metrics["test"] = full_metrics(yte, predict_proba(booster, patch_features(xte, features)),
