@@ -40,7 +40,7 @@ def pil(method: Image.Resampling, gap: float | None = 2.0):
 
 
 def main() -> None:
-    default = Path(__file__).resolve().parents[2] / "shared/data/slides/CMU-1-Small-Region.svs"
+    default = Path(__file__).resolve().parents[1] / "tests/data/slides/CMU-1-Small-Region.svs"
     slide_path = Path(sys.argv[1]) if len(sys.argv) > 1 else default
     import openslide
 

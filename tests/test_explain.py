@@ -338,3 +338,16 @@ def test_slide_level_gradcam_on_the_sample_slide(cmu_small, tmp_path):
     assert attrs["cam_resolution_level0"] == pytest.approx(grid.stride_level0 / stitcher.block)
     assert cover.sum() >= len(grid) * stitcher.block ** 2 and values.max() > 0
     assert png.stat().st_size > 5_000
+
+
+def test_issue16_explain_methods_are_one_table_the_cli_offers() -> None:
+    """Methods were registered by importing vit.py (a side effect); now explain.METHODS is the
+    one table, and the CLI's --method choices (kept torch-free) are exactly its names."""
+    import histotile.attention
+    import histotile.gradcam
+    from histotile.cli.explain import METHOD_CHOICES
+    from histotile.explain import METHODS, get_method
+
+    assert set(METHOD_CHOICES) == set(METHODS)
+    assert get_method("gradcam") is histotile.gradcam.gradcam
+    assert get_method("attention") is histotile.attention.attention
