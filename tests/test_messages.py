@@ -135,7 +135,7 @@ def test_issue15_evaluate_prints_rounded_p_values():
 
 def test_issue15_train_prints_auc_zero_as_zero_and_warns_on_tiny_validation(
         tmp_path, capsys, caplog, monkeypatch):
-    import histotile.train
+    import histotile.training.api
 
     def fake_train(dataset, out, **kw):  # the CLI's printing, not a training run
         out.mkdir(parents=True)
@@ -145,7 +145,7 @@ def test_issue15_train_prints_auc_zero_as_zero_and_warns_on_tiny_validation(
             "n": 12, "per_class": {"normal": {"support": 10}, "tumor": {"support": 2}}}}))
         return out
 
-    monkeypatch.setattr(histotile.train, "train", fake_train)
+    monkeypatch.setattr(histotile.training.api, "train", fake_train)
     with caplog.at_level(logging.WARNING):
         code, out, _ = run_cli(["train", "pcam", "-o", str(tmp_path / "m")], capsys)
     assert code == 0
