@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MPP_SOURCES = ("override", "openslide", "vendor-metadata", "tiff-tags", "objective-estimate")
 #: Level-0 microns per pixel a slide scanner can produce: 0.02 (oil immersion, 100x and more)
 #: to 20 (a 1x scan). Metadata outside it is not a microscope pixel size: 72/96/300 dpi are
 #: screen and print defaults (352.8, 264.6, 84.7 um/px) that image libraries write.

@@ -4,6 +4,8 @@
   pixel is the mean of the source pixels it covers, fractional edge pixels weighted by their
   overlap; within 0.5 grey levels of the exact float64 average, i.e. exact up to rounding);
   enlarging is bicubic (OpenCV ``INTER_CUBIC``); a patch already at the size is returned as is.
+* :func:`block_mean` — the exact area average for an integer factor (``f x f`` block means),
+  used by the slide reader to build thumbnails from a finer level.
 * :func:`upsample_maps` — bilinear resize (half-pixel centres, as OpenCV's ``INTER_LINEAR``) of
   (B, h, w) explanation maps, torch or numpy.
 
@@ -55,3 +57,16 @@ def upsample_maps(maps: Any, size: int | tuple[int, int]) -> Any:
     if tuple(t.shape[-2:]) != hw:
         t = F.interpolate(t[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
     return t.numpy() if is_np else t
+
+
+def block_mean(tile: np.ndarray, f: int) -> np.ndarray:
+    """Mean of ``f x f`` blocks of a uint8 (h, w, 3) tile, rounded (uint32 sums, no float64):
+    the exact area average for an integer factor (the slide reader's thumbnails)."""
+    if f == 1:
+        return tile
+    h, w = tile.shape[0] // f, tile.shape[1] // f
+    sums = tile.reshape(h, f, w, f * 3).sum(axis=1, dtype=np.uint32)
+    sums = sums.reshape(h, w, f, 3).sum(axis=2, dtype=np.uint32)
+    mean = sums.astype(np.float32)
+    mean /= np.float32(f * f)
+    return np.rint(mean, out=mean).astype(np.uint8)

@@ -33,6 +33,7 @@ from histotile.errors import (
 )
 from histotile.items import item_kind
 from histotile.mpp import find_mpp
+from histotile.resample import block_mean
 from histotile.slide_formats import (
     SlideioHandle,
     require_slideio,
@@ -425,7 +426,7 @@ class Slide:
                 bw, bh = min(step, lw - x), min(step, lh - y)
                 pw, ph = math.ceil(bw / f) * f, math.ceil(bh / f) * f
                 tile = self._read_level_block(level, x, y, pw, ph, f, unreadable)
-                out[y // f:y // f + ph // f, x // f:x // f + pw // f] = _box_reduce(tile, f)
+                out[y // f:y // f + ph // f, x // f:x // f + pw // f] = block_mean(tile, f)
         return out, f * ds
 
     def _read_level_block(self, level: int, x: int, y: int, w: int, h: int, f: int,
@@ -481,18 +482,6 @@ class Slide:
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, dims={self.dimensions}, "
                 f"mpp={self.mpp}, mpp_source={self.mpp_source!r})")
-
-
-def _box_reduce(tile: np.ndarray, f: int) -> np.ndarray:
-    """Mean of ``f x f`` blocks of a uint8 (h, w, 3) tile, rounded (uint32 sums, no float64)."""
-    if f == 1:
-        return tile
-    h, w = tile.shape[0] // f, tile.shape[1] // f
-    sums = tile.reshape(h, f, w, f * 3).sum(axis=1, dtype=np.uint32)
-    sums = sums.reshape(h, w, f, 3).sum(axis=2, dtype=np.uint32)
-    mean = sums.astype(np.float32)
-    mean /= np.float32(f * f)
-    return np.rint(mean, out=mean).astype(np.uint8)
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
