@@ -38,10 +38,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from histotile.grid import PatchGrid
+    from histotile.patches import Region
+    from histotile.slide import Slide
+    from histotile.stain import MacenkoNormalizer, StainFit
 
 
 def cpu_count() -> int:
@@ -122,8 +128,8 @@ class EngineStats:
 class StainStep:
     """A per-slide stain fit applied in the readers: ``normalizer.normalize(patches, fit)``."""
 
-    normalizer: Any
-    fit: Any
+    normalizer: MacenkoNormalizer
+    fit: StainFit | None
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         out = self.normalizer.normalize(patches, self.fit)
@@ -139,22 +145,23 @@ class RegionDataset(torch.utils.data.Dataset):
     ``slide_spec``. A region with a damaged tile is read patch by patch; the patches that
     still cannot be decoded are left out of ``idx`` and listed in ``unreadable``."""
 
-    def __init__(self, slide_spec: dict[str, Any], grid: Any, regions: list[Any],
+    def __init__(self, slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Region],
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
-                 reader: Callable[[Any, Any, Any], tuple[np.ndarray, np.ndarray]] | None = None,
+                 reader: Callable[[Slide, PatchGrid, Region], tuple[np.ndarray, np.ndarray]]
+                 | None = None,
                  ) -> None:
         self.slide_spec = dict(slide_spec)
         self.grid = grid
         self.regions = regions
         self.stain = stain
         self.reader = reader
-        self._slide: Any = None
+        self._slide: Slide | None = None
         self._pid = -1
 
     def __len__(self) -> int:
         return len(self.regions)
 
-    def slide(self) -> Any:
+    def slide(self) -> Slide:
         """This process's own handle (reopened after a fork)."""
         if self._slide is None or self._pid != os.getpid():
             from histotile.slide import open_slide
@@ -423,12 +430,13 @@ def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], model: Any,
+def run_inference(slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Region], model: Any,
                   device: torch.device, batch_size: int = 256, workers: int | None = None,
                   stain: Callable[[np.ndarray], np.ndarray] | None = None,
                   stats: EngineStats | None = None,
                   on_batch: Callable[[int], None] | None = None,
-                  reader: Callable[[Any, Any, Any], tuple[np.ndarray, np.ndarray]] | None = None,
+                  reader: Callable[[Slide, PatchGrid, Region], tuple[np.ndarray, np.ndarray]]
+                  | None = None,
                   explain: Callable[[Any], Any] | None = None,
                   plan: ComputePlan | None = None,
                   ) -> Iterator[tuple[np.ndarray, ...]]:

@@ -11,7 +11,7 @@ This module imports nothing from histotile: every layer may use it.
 
 from __future__ import annotations
 
-from typing import NewType
+from typing import NewType, TypeAlias
 
 #: pixels in the coordinates of the slide's full-resolution level 0 (int or float at run time)
 Level0Px = NewType("Level0Px", float)
@@ -19,5 +19,7 @@ Level0Px = NewType("Level0Px", float)
 LevelPx = NewType("LevelPx", float)
 #: a physical pixel size in micrometres per pixel
 MicronsPerPixel = NewType("MicronsPerPixel", float)
+#: a level-0 side or step: one value for both axes, or (x, y)
+Level0Side: TypeAlias = "Level0Px | tuple[Level0Px, Level0Px]"
 
-__all__ = ["Level0Px", "LevelPx", "MicronsPerPixel"]
+__all__ = ["Level0Px", "Level0Side", "LevelPx", "MicronsPerPixel"]
