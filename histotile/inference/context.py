@@ -80,7 +80,7 @@ class PredictContext:
                     "max_concentrations": fit.max_concentrations.double().cpu().tolist(),
                     "n_pixels": int(fit.n_pixels)}}
 
-    def patch_stain_step(self) -> tuple[Any, dict[str, Any]]:
+    def patch_stain_step(self) -> tuple[StainStep | None, dict[str, Any]]:
         """The stain step for archive patches (from many slides): each patch fitted on its own,
         as in training and ``evaluate``."""
         from histotile.engine import StainStep
