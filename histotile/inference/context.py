@@ -15,7 +15,7 @@ from histotile.models.preprocess import STAIN_SEED, Preprocessing
 from histotile.options import PredictOptions
 
 if TYPE_CHECKING:
-    from histotile.engine import StainStep  # imports torch
+    from histotile.engine import ComputePlan, StainStep  # imports torch
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class PredictContext:
     options: PredictOptions
     model: LazyModel
     preprocessing: Preprocessing
-    compute: Any = None  # engine.ComputePlan, set once per process before the first item
+    compute: ComputePlan | None = None  # set once per process before the first item
 
     @classmethod
     def from_options(cls, options: PredictOptions) -> PredictContext:
