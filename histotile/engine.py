@@ -38,11 +38,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from histotile.grid import PatchGrid
+    from histotile.models.loading import LoadedModel
+    from histotile.patches import Region
+    from histotile.slide import Slide
+    from histotile.stain import MacenkoNormalizer, StainFit
+
+#: what ``classify`` runs: a loaded model, or a zero-argument callable that loads it (lazily)
+ModelSource: TypeAlias = "LoadedModel | Callable[[], LoadedModel]"
 
 def cpu_count() -> int:
     """CPUs this process may use (affinity-aware)."""
@@ -122,8 +131,8 @@ class EngineStats:
 class StainStep:
     """A per-slide stain fit applied in the readers: ``normalizer.normalize(patches, fit)``."""
 
-    normalizer: Any
-    fit: Any
+    normalizer: MacenkoNormalizer
+    fit: StainFit | None
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         out = self.normalizer.normalize(patches, self.fit)
@@ -139,22 +148,23 @@ class RegionDataset(torch.utils.data.Dataset):
     ``slide_spec``. A region with a damaged tile is read patch by patch; the patches that
     still cannot be decoded are left out of ``idx`` and listed in ``unreadable``."""
 
-    def __init__(self, slide_spec: dict[str, Any], grid: Any, regions: list[Any],
+    def __init__(self, slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Region],
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
-                 reader: Callable[[Any, Any, Any], tuple[np.ndarray, np.ndarray]] | None = None,
+                 reader: Callable[[Slide, PatchGrid, Region], tuple[np.ndarray, np.ndarray]]
+                 | None = None,
                  ) -> None:
         self.slide_spec = dict(slide_spec)
         self.grid = grid
         self.regions = regions
         self.stain = stain
         self.reader = reader
-        self._slide: Any = None
+        self._slide: Slide | None = None
         self._pid = -1
 
     def __len__(self) -> int:
         return len(self.regions)
 
-    def slide(self) -> Any:
+    def slide(self) -> Slide:
         """This process's own handle (reopened after a fork)."""
         if self._slide is None or self._pid != os.getpid():
             from histotile.slide import open_slide
@@ -293,10 +303,11 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[
 
 
 def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
-             model: Any, device: torch.device, amp: bool = True,
+             model: ModelSource, device: torch.device, amp: bool = True,
              stats: EngineStats | None = None,
              on_batch: Callable[[int], None] | None = None,
-             explain: Callable[[Any], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+             explain: Callable[[LoadedModel],
+                               Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
              | None = None, plan: ComputePlan | None = None,
              ) -> Iterator[tuple[np.ndarray, ...]]:
     """uint8 NHWC batches → ``(idx, probs float32 (b, classes))``, in input order.
@@ -366,7 +377,7 @@ def _count(stats: EngineStats | None, on_batch: Callable[[int], None] | None, n:
         on_batch(n)
 
 
-def _load(model: Any, stats: EngineStats | None) -> Any:
+def _load(model: ModelSource, stats: EngineStats | None) -> LoadedModel:
     t0 = time.perf_counter()
     loaded = model() if callable(model) else model
     if stats is not None:
@@ -376,7 +387,7 @@ def _load(model: Any, stats: EngineStats | None) -> Any:
     return loaded
 
 
-def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model: Any,
+def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model: ModelSource,
                       device: torch.device, plan: ComputePlan, stats: EngineStats | None,
                       on_batch: Callable[[int], None] | None) -> Iterator[tuple[np.ndarray, ...]]:
     """CPU forward passes in ``plan.streams`` threads; results in input order."""
@@ -385,7 +396,7 @@ def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model:
 
     from histotile.models.loading import preprocess
 
-    loaded: Any = None
+    loaded: Any = None  # set before the first forward (a closure mypy cannot follow)
 
     def forward(batch: torch.Tensor) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -423,13 +434,15 @@ def _classify_streams(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_inference(slide_spec: dict[str, Any], grid: Any, regions: list[Any], model: Any,
+def run_inference(slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Region],
+                  model: ModelSource,
                   device: torch.device, batch_size: int = 256, workers: int | None = None,
                   stain: Callable[[np.ndarray], np.ndarray] | None = None,
                   stats: EngineStats | None = None,
                   on_batch: Callable[[int], None] | None = None,
-                  reader: Callable[[Any, Any, Any], tuple[np.ndarray, np.ndarray]] | None = None,
-                  explain: Callable[[Any], Any] | None = None,
+                  reader: Callable[[Slide, PatchGrid, Region], tuple[np.ndarray, np.ndarray]]
+                  | None = None,
+                  explain: Callable[[LoadedModel], Callable[..., Any]] | None = None,
                   plan: ComputePlan | None = None,
                   ) -> Iterator[tuple[np.ndarray, ...]]:
     """Stream ``(idx, coords (b,2) level-0 x,y, probs float32 (b, classes))`` over ``regions``

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,11 @@ from histotile.models.loading import load_model
 from histotile.models.preprocess import BatchPipeline
 from histotile.resample import upsample_maps
 from histotile.stitch.cam import to_numpy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from histotile.models.card import ModelCard
 
 # name -> fn(model, x, *, layer, target, normalise, size) -> (maps, probs); the CLI's --method
 MethodFn = Callable[..., tuple[Any, Any]]
@@ -86,12 +91,13 @@ def explain(model: str | Path | None, archive: str | Path, out_dir: str | Path, 
     return report
 
 
-def _layer_name(model: Any, layer: Any) -> str:
+def _layer_name(model: nn.Module, layer: nn.Module) -> str:
     return next((name for name, m in model.named_modules() if m is layer), "?")
 
 
-def _report(card: Any, archive: Any, method: str, cam_class: str, layer: str, probs: np.ndarray,
-            labels: np.ndarray | None, raw: np.ndarray, centre: int, pcam_like: bool
+def _report(card: ModelCard, archive: str | Path, method: str, cam_class: str, layer: str,
+            probs: np.ndarray, labels: np.ndarray | None, raw: np.ndarray,
+            centre: int, pcam_like: bool
             ) -> dict[str, Any]:
     pred = probs.argmax(1)
     rows = []

@@ -16,6 +16,7 @@ import numpy as np
 
 from histotile.errors import InvalidArgumentError
 from histotile.slide import _EPS
+from histotile.units import Level0Px, LevelPx, MicronsPerPixel
 
 MAX_UPSAMPLE = 2.0  # refuse targets more than 2x finer than the finest level
 
@@ -24,9 +25,9 @@ if TYPE_CHECKING:
     from histotile.tissue import TissueMask
 
 
-def _num(value: float) -> int | float:
+def _num(value: float) -> Level0Px:
     """An int when ``value`` is integral (level-0 sizes on integer downsamples), else a float."""
-    return int(round(value)) if abs(value - round(value)) < 1e-9 else float(value)
+    return Level0Px(int(round(value)) if abs(value - round(value)) < 1e-9 else float(value))
 
 
 @dataclass
@@ -34,20 +35,20 @@ class PatchGrid:
     """Where the patches are; no pixels (see docs/CONTRACTS.md)."""
 
     patch_size: int
-    target_mpp: float | None
-    effective_mpp: float | None
+    target_mpp: MicronsPerPixel | None
+    effective_mpp: MicronsPerPixel | None
     level: int
     level_downsample: float
-    patch_size_level: int
-    stride_level: int
-    patch_size_level0: int | float
-    stride_level0: int | float
-    origin_level0: tuple[int, int]
+    patch_size_level: LevelPx
+    stride_level: LevelPx
+    patch_size_level0: Level0Px  # an int on integer downsamples, else a float
+    stride_level0: Level0Px
+    origin_level0: tuple[Level0Px, Level0Px]
     grid_shape: tuple[int, int]  # (cols, rows)
     coords: np.ndarray  # (N, 2) int64 level-0 top-left x, y
     indices: np.ndarray  # (N, 2) int64 col, row
     tissue_fraction: np.ndarray  # (N,) float32
-    slide_mpp: float | None
+    slide_mpp: MicronsPerPixel | None
     mpp_source: str | None
     overlap: float = 0.0
     min_tissue: float = 0.0
@@ -114,11 +115,11 @@ def make_grid(slide: Slide, patch_size: int, target_mpp: float | None = None,
                 f"({level_mpp:.4g} um/px)",
                 f"use --mpp >= {level_mpp / MAX_UPSAMPLE:.4g}, --level, or --slide-mpp if the "
                 "slide's pixel size is wrong", subject)
-        psl = max(1, int(round(patch_size * target_mpp / level_mpp)))
+        psl = LevelPx(max(1, int(round(patch_size * target_mpp / level_mpp))))
     else:
-        psl = patch_size
-    effective = psl * level_mpp / patch_size if level_mpp else None
-    stride = max(1, int(round(psl * (1.0 - overlap))))
+        psl = LevelPx(patch_size)
+    effective = MicronsPerPixel(psl * level_mpp / patch_size) if level_mpp else None
+    stride = LevelPx(max(1, int(round(psl * (1.0 - overlap)))))
     lw, lh = slide.level_dimensions[level]
     if psl > lw or psl > lh:
         raise InvalidArgumentError(
@@ -130,13 +131,16 @@ def make_grid(slide: Slide, patch_size: int, target_mpp: float | None = None,
     coords = _to_level0(indices * stride, ds)
     psl0 = _num(psl * ds)
     if tissue is not None:
-        fraction = tissue_fractions(tissue.mask, tissue.downsample, coords, float(psl * ds))
+        fraction = tissue_fractions(tissue.mask, tissue.downsample, coords,
+                                    Level0Px(float(psl * ds)))
     else:
         fraction = np.ones(len(indices), np.float32)
     grid = PatchGrid(
-        patch_size=patch_size, target_mpp=target_mpp, effective_mpp=effective, level=level,
+        patch_size=patch_size, effective_mpp=effective, level=level,
+        target_mpp=MicronsPerPixel(target_mpp) if target_mpp is not None else None,
         level_downsample=ds, patch_size_level=psl, stride_level=stride,
-        patch_size_level0=psl0, stride_level0=_num(stride * ds), origin_level0=(0, 0),
+        patch_size_level0=psl0, stride_level0=_num(stride * ds),
+        origin_level0=(Level0Px(0), Level0Px(0)),
         grid_shape=(int(cols), int(rows)), coords=coords, indices=indices,
         tissue_fraction=fraction, slide_mpp=slide_mpp, mpp_source=slide.mpp_source,
         overlap=float(overlap), min_tissue=float(min_tissue) if tissue is not None else 0.0,
@@ -154,7 +158,7 @@ def _to_level0(level_xy: np.ndarray, ds: float) -> np.ndarray:
 
 
 def tissue_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray,
-                     size_level0: float) -> np.ndarray:
+                     size_level0: Level0Px) -> np.ndarray:
     """Fraction of mask pixels set under each level-0 box ``coords + [0, size_level0)``."""
     integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     h, w = mask.shape

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ def label_patches(annotations: Annotations, coords: np.ndarray, size_level0: flo
                        int((hits == 0).sum()))
 
 
-def label_attrs(labels: PatchLabels, slide_name: str, source: Any, sha256: str,
+def label_attrs(labels: PatchLabels, slide_name: str, source: str | Path, sha256: str,
                 min_fraction: float) -> dict[str, Any]:
     """The archive attributes recording the labels' origin and rule."""
     import json

@@ -18,10 +18,12 @@ import numpy as np
 from histotile.errors import TooMuchUnreadableError, UnreadableRegionError
 from histotile.resample import resize_patch
 from histotile.slide import level_to_level0
+from histotile.units import Level0Px, LevelPx
 
 if TYPE_CHECKING:
     from histotile.grid import PatchGrid
     from histotile.slide import Slide
+    from histotile.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,10 @@ class Region:
     """A block of level pixels ``[x, x+w) x [y, y+h)`` and the grid patches (``idx``) inside it."""
 
     level: int
-    x: int
-    y: int
-    w: int
-    h: int
+    x: LevelPx
+    y: LevelPx
+    w: LevelPx
+    h: LevelPx
     idx: np.ndarray  # (n,) int64 positions in grid.coords
 
     def __len__(self) -> int:
@@ -67,8 +69,9 @@ def plan_regions(grid: PatchGrid, slide: Slide, region_size: int = 2048) -> list
     for group in np.split(order, starts[1:]):
         gx, gy = xy[group, 0], xy[group, 1]
         x, y = int(gx.min()), int(gy.min())
-        regions.append(Region(level=grid.level, x=x, y=y, w=int(gx.max()) + psl - x,
-                              h=int(gy.max()) + psl - y, idx=group.astype(np.int64)))
+        regions.append(Region(level=grid.level, x=LevelPx(x), y=LevelPx(y),
+                              w=LevelPx(int(gx.max()) + psl - x),
+                              h=LevelPx(int(gy.max()) + psl - y), idx=group.astype(np.int64)))
     return regions
 
 
@@ -120,7 +123,7 @@ def _read_one_by_one(slide: Slide, grid: PatchGrid, idx: np.ndarray,
 
 def read_patch(slide: Slide, grid: PatchGrid, i: int) -> np.ndarray:
     """Patch ``i`` read on its own (the reference the region reads must equal)."""
-    x, y = (int(v) for v in grid.coords[i])
+    x, y = (Level0Px(int(v)) for v in grid.coords[i])
     crop = slide.read_region((x, y), grid.level, (grid.patch_size_level,) * 2)
     return resize_patch(crop, grid.patch_size)
 
@@ -182,7 +185,8 @@ def sample_patches(slide: Slide, grid: PatchGrid, n: int = 64, seed: int = 0,
     return out if good.all() else out[good]
 
 
-def unreadable_record(grid: PatchGrid, rows: list[int], tissue: Any, max_fraction: float,
+def unreadable_record(grid: PatchGrid, rows: list[int], tissue: TissueMask | None,
+                      max_fraction: float,
                       subject: str, recorded_in: str) -> dict[str, Any]:
     """run.json's ``unreadable`` record of the grid ``rows`` that could not be decoded (count,
     fraction, level-0 boxes, the thumbnail's bad boxes), one warning when there are any (naming

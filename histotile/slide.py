@@ -40,6 +40,7 @@ from histotile.slide_formats import (
     slideio_installed,
     slideio_suffix,
 )
+from histotile.units import Level0Px, LevelPx, MicronsPerPixel
 from histotile.vendor import (
     dicom_jpeg_labelled_rgb,
     dicom_problem,
@@ -58,14 +59,14 @@ _EPS = 1e-6
 _MPP_HINT = "pass --slide-mpp <microns per pixel> (slide_mpp=...) to set it"
 
 
-def level_to_level0(value: float, downsample: float) -> int:
+def level_to_level0(value: LevelPx, downsample: float) -> Level0Px:
     """Level-0 coordinate of level pixel ``value`` (inverse of :func:`level0_to_level`)."""
-    return int(math.ceil(value * downsample - _EPS))
+    return Level0Px(int(math.ceil(value * downsample - _EPS)))
 
 
-def level0_to_level(value: float, downsample: float) -> int:
+def level0_to_level(value: Level0Px, downsample: float) -> LevelPx:
     """Level pixel that contains level-0 coordinate ``value``."""
-    return int(math.floor(value / downsample + _EPS))
+    return LevelPx(int(math.floor(value / downsample + _EPS)))
 
 
 def _resolve_path(path: str | Path) -> Path:
@@ -252,7 +253,7 @@ class Slide:
         """What decodes the pixels: the backend, or "tifffile-tiles" (the fast path)."""
         return "tifffile-tiles" if self._pixels is not None else self.backend
 
-    def require_mpp(self) -> float:
+    def require_mpp(self) -> MicronsPerPixel:
         """Level-0 microns per pixel (mean of x and y); :class:`MissingMppError` when unknown."""
         if self.mpp is None:
             message = "the slide has no pixel size (mpp) in its metadata"
@@ -261,12 +262,12 @@ class Slide:
                            f"{self.mpp_rejected['source']} value was set aside "
                            f"({self.mpp_rejected['rule']})")
             raise MissingMppError(message, _MPP_HINT, subject=str(self.path))
-        return (self.mpp[0] + self.mpp[1]) / 2.0
+        return MicronsPerPixel((self.mpp[0] + self.mpp[1]) / 2.0)
 
-    def level_mpp(self, level: int) -> float:
+    def level_mpp(self, level: int) -> MicronsPerPixel:
         """Microns per pixel at ``level``."""
         self.check_level(level)
-        return self.require_mpp() * self.level_downsamples[level]
+        return MicronsPerPixel(self.require_mpp() * self.level_downsamples[level])
 
     def best_level_for_mpp(self, target_mpp: float) -> int:
         """The coarsest level whose mpp is still at most the target (never upsample needlessly).
@@ -303,8 +304,8 @@ class Slide:
         }
 
     # --- pixels ---------------------------------------------------------------------------
-    def read_region(self, location: tuple[int, int], level: int,
-                    size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, location: tuple[Level0Px, Level0Px], level: int,
+                    size: tuple[LevelPx, LevelPx]) -> np.ndarray:
         """RGB uint8 (h, w, 3) of ``size`` level pixels from level-0 ``location``.
 
         Areas outside the slide (and transparent pixels) are white.
@@ -323,8 +324,8 @@ class Slide:
                 raise
             self._recover_after_error()
             ds = self.level_downsamples[level]
-            box = (int(location[0]), int(location[1]), level_to_level0(w, ds),
-                   level_to_level0(h, ds))
+            box = (int(location[0]), int(location[1]), int(level_to_level0(LevelPx(w), ds)),
+                   int(level_to_level0(LevelPx(h), ds)))
             raise UnreadableRegionError(
                 f"reading level {level} at {tuple(location)} failed ({type(exc).__name__}: "
                 f"{exc})".replace("\n", " "),
@@ -352,7 +353,8 @@ class Slide:
         except (TypeError, ValueError):
             return 1
 
-    def _read_openslide(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
+    def _read_openslide(self, loc: tuple[Level0Px, Level0Px], level: int,
+                        size: tuple[int, int]):
         img = self._h.read_region((int(loc[0]), int(loc[1])), level, size)
         if self.ycbcr_fix:
             img = ycbcr_to_rgb(img)
@@ -360,7 +362,8 @@ class Slide:
             return np.asarray(img.convert("RGB"))
         return _composite_white(np.asarray(img))
 
-    def _read_clipped(self, loc: tuple[int, int], level: int, size: tuple[int, int]):
+    def _read_clipped(self, loc: tuple[Level0Px, Level0Px], level: int,
+                      size: tuple[int, int]):
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         lx, ly = level0_to_level(loc[0], ds), level0_to_level(loc[1], ds)
@@ -372,7 +375,8 @@ class Slide:
         if self._pixels is not None:
             self._pixels.read(level, x0, y0, x1, y1, out=out[y0 - ly:y1 - ly, x0 - lx:x1 - lx])
             return out
-        arr = self._h.read_region((level_to_level0(x0, ds), level_to_level0(y0, ds)), level,
+        arr = self._h.read_region((level_to_level0(LevelPx(x0), ds),
+                                   level_to_level0(LevelPx(y0), ds)), level,
                                   (x1 - x0, y1 - y0), as_array=True)
         arr = np.asarray(arr)
         if arr.ndim == 2:
@@ -435,8 +439,9 @@ class Slide:
         piece by piece (tile-sized, multiples of ``f``), white where a piece fails."""
         ds = self.level_downsamples[level]
         try:
-            return self.read_region((level_to_level0(x, ds), level_to_level0(y, ds)), level,
-                                    (w, h))
+            return self.read_region((level_to_level0(LevelPx(x), ds),
+                                     level_to_level0(LevelPx(y), ds)), level,
+                                    (LevelPx(w), LevelPx(h)))
         except UnreadableRegionError as exc:
             if unreadable is None:
                 raise
@@ -449,19 +454,20 @@ class Slide:
         for py in range(0, h, piece):
             for px in range(0, w, piece):
                 sw, sh = min(piece, w - px), min(piece, h - py)
-                loc = (level_to_level0(x + px, ds), level_to_level0(y + py, ds))
+                loc = (level_to_level0(LevelPx(x + px), ds), level_to_level0(LevelPx(y + py), ds))
                 try:
-                    out[py:py + sh, px:px + sw] = self.read_region(loc, level, (sw, sh))
+                    out[py:py + sh, px:px + sw] = self.read_region(
+                        loc, level, (LevelPx(sw), LevelPx(sh)))
                 except UnreadableRegionError as exc:
                     unreadable.append(exc.box_level0)
                     out[py:py + sh, px:px + sw] = 255
         return out
 
-    def read_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
+    def read_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, MicronsPerPixel]:
         """The whole slide at about ``target_mpp`` (not coarser); returns (image, actual mpp)."""
         mpp = self.require_mpp()
         img, ds = self.read_downsampled(target_mpp / mpp)
-        return img, ds * mpp
+        return img, MicronsPerPixel(ds * mpp)
 
     # --- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

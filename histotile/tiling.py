@@ -54,7 +54,7 @@ from histotile.batch import (
 from histotile.errors import InvalidArgumentError, NoTissueError
 from histotile.export.tissue_geojson import write_tissue_geojson
 from histotile.export.tissue_picture import tissue_picture
-from histotile.grid import make_grid
+from histotile.grid import PatchGrid, make_grid
 from histotile.hpc import run_items
 from histotile.items import ItemKind, item_kind, item_stem, item_suffix
 from histotile.labels import label_attrs, label_patches
@@ -65,8 +65,8 @@ from histotile.patches import (
     sample_patches,
     unreadable_record,
 )
-from histotile.slide import open_slide
-from histotile.stain import make_normalizer
+from histotile.slide import Slide, open_slide
+from histotile.stain import MacenkoNormalizer, make_normalizer
 from histotile.tissue_source import tissue_for_slide, tissue_info
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,8 @@ def tile_slide(
     return TileResult(str(slide_path), archive, png, len(kept), attrs, unreadable)
 
 
-def _stain_step(slide: Any, grid: Any, normalizer: Any, target: str | Path | None
+def _stain_step(slide: Slide, grid: PatchGrid, normalizer: MacenkoNormalizer | None,
+                target: str | Path | None
                 ) -> tuple[BatchTransform | None, dict[str, Any]]:
     """Fit ``normalizer`` once on a sample of the slide's patches: (batch transform, attrs)."""
     if normalizer is None:
@@ -212,12 +213,13 @@ def _chain(first: BatchTransform | None, second: BatchTransform | None
     return lambda batch: second(first(batch))
 
 
-def _region_order(grid: Any, slide: Any) -> np.ndarray:
+def _region_order(grid: PatchGrid, slide: Slide) -> np.ndarray:
     regions = plan_regions(grid, slide)
     return np.concatenate([r.idx for r in regions]) if regions else np.zeros(0, np.int64)
 
 
-def _write_archive(path: Path, slide: Any, grid: Any, attrs: dict[str, Any], batch_size: int,
+def _write_archive(path: Path, slide: Slide, grid: PatchGrid, attrs: dict[str, Any],
+                   batch_size: int,
                    transform: BatchTransform | None, progress: bool,
                    record: Callable[[list[int]], dict[str, Any]],
                    y: np.ndarray | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from histotile.annotations import folder_identity, match_file, rasterize, read_annotations
 from histotile.tissue import (
@@ -25,6 +25,10 @@ from histotile.tissue import (
     classify_illumination,
     detect_tissue,
 )
+
+if TYPE_CHECKING:
+    from histotile.options import PredictOptions, TileOptions
+    from histotile.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ def mask_identity(tissue_mask: str | Path | None) -> dict[str, str] | None:
     return folder_identity(tissue_mask, extra_dirs=True)
 
 
-def read_tissue_mask(slide: Any, path: str | Path, mask_mpp: float = MASK_MPP) -> TissueMask:
+def read_tissue_mask(slide: Slide, path: str | Path, mask_mpp: float = MASK_MPP) -> TissueMask:
     """The areas of ``path`` drawn on ``slide``'s detection thumbnail grid."""
     path = Path(path)
     annotations = read_annotations(path)
@@ -85,7 +89,7 @@ def read_tissue_mask(slide: Any, path: str | Path, mask_mpp: float = MASK_MPP) -
                              sha256=annotations.sha256)
 
 
-def tissue_for_slide(slide: Any, options: Any) -> TissueMask:
+def tissue_for_slide(slide: Slide, options: PredictOptions | TileOptions) -> TissueMask:
     """The tissue mask of ``slide`` under ``options`` (:class:`~histotile.options.PredictOptions`
     or :class:`~histotile.options.TileOptions`): the ``tissue_mask`` file matched to the slide,
     else detection with ``options.tissue_method`` (``otsu`` when the options have none)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from histotile.errors import InvalidArgumentError
 
@@ -60,7 +60,8 @@ def shard_from_env(env: Mapping[str, str]) -> tuple[int, int] | None:
     return index, count
 
 
-def resolve_shard(opt: Any, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+def resolve_shard(opt: str | Sequence[int] | None,
+                  env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     """The shard to run: ``opt`` (``"I/N"`` or ``(I, N)``) if given, else the SLURM array task
     of ``env`` when one is passed (the CLI passes ``os.environ``), else None (all items)."""
     if isinstance(opt, str) and opt.strip():

@@ -16,12 +16,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from histotile.cli import echo_err
 from histotile.options import BatchOptions, Cluster, Executor, choices, field_default
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from histotile.batch import ItemResult
 
 BATCH_OPTION_NAMES = ("shard", "executor", "jobs", "cluster", "cluster_option", "overwrite")
 
@@ -110,7 +115,7 @@ def quiet_dask(executor: str) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def failure_line(result: Any) -> str:
+def failure_line(result: ItemResult) -> str:
     """``error: <item>: <message> (<hint>)`` for a failed item's result."""
     text = result.error
     if result.slide not in text:
@@ -118,7 +123,7 @@ def failure_line(result: Any) -> str:
     return f"error: {text}"
 
 
-def print_failure(item: Any, result: Any) -> None:
+def print_failure(item: Path, result: ItemResult) -> None:
     """``on_error`` of the commands: one ``error:`` line per failed item (Path, ItemResult)."""
     echo_err(failure_line(result))
 
@@ -131,7 +136,7 @@ class FailureReporter:
     def __init__(self) -> None:
         self.repeats: dict[str, list[str]] = {}
 
-    def __call__(self, item: Any, result: Any) -> None:
+    def __call__(self, item: Path, result: ItemResult) -> None:
         if result.slide not in result.error:
             if result.error in self.repeats:
                 self.repeats[result.error].append(str(result.slide))

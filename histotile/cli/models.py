@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from histotile.models.card import ModelCard
 
 
 @click.group("models")
@@ -78,7 +81,7 @@ def _summary(metrics: dict) -> str:
     return "; ".join(parts)
 
 
-def _stain_line(card: Any) -> str:
+def _stain_line(card: ModelCard) -> str:
     """What ``predict --stain-norm auto`` does with this model (models/preprocess.py)."""
     stain = card.stain
     if stain.method == "none":

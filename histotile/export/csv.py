@@ -15,6 +15,7 @@ import numpy as np
 
 from histotile.errors import InputNotFoundError, InvalidArgumentError
 from histotile.fileio import AtomicTextWriter
+from histotile.units import Level0Side
 
 GEOMETRY_COLUMNS = ["minx", "miny", "width", "height"]
 STATUS_OK, STATUS_UNREADABLE = "ok", "unreadable"
@@ -28,7 +29,7 @@ class PredictionsCSVWriter(AtomicTextWriter):
     """Append batches of predictions to ``path`` (written to a temporary file, renamed on close)."""
 
     def __init__(self, path: str | Path, class_names: Sequence[str],
-                 patch_size_level0: int | tuple[int, int] | None = None,
+                 patch_size_level0: Level0Side | None = None,
                  extra_columns: Sequence[str] = (), status_column: bool = False) -> None:
         super().__init__(path)
         self.class_names = list(class_names)
@@ -43,7 +44,7 @@ class PredictionsCSVWriter(AtomicTextWriter):
         self.rows = 0
 
     def write(self, coords: np.ndarray, probs: np.ndarray,
-              size: int | tuple[int, int] | np.ndarray | None = None,
+              size: Level0Side | np.ndarray | None = None,
               extra: dict[str, np.ndarray] | None = None) -> None:
         """``coords`` (n, 2) level-0 (x, y) top-left; ``probs`` (n, C); ``size`` per patch (or the
         constructor's ``patch_size_level0``); ``extra`` one (n,) array per ``extra_columns``."""

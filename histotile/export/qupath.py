@@ -24,6 +24,7 @@ from histotile.errors import InputNotFoundError, InvalidArgumentError
 from histotile.export.csv import iter_predictions_csv
 from histotile.fileio import AtomicTextWriter, atomic_path
 from histotile.stitch import level0_to_heatmap_pixel, open_heatmap
+from histotile.units import Level0Side
 
 OBJECT_TYPES = ("tile", "detection", "annotation")
 TILES_GZ, TILES_PLAIN = "tiles.geojson.gz", "tiles.geojson"
@@ -109,7 +110,7 @@ class GeoJSONTileWriter(AtomicTextWriter):
             return str(uuid.uuid4())
         return str(uuid.uuid5(self._ns, f"{x},{y},{w},{h}"))
 
-    def write(self, coords: np.ndarray, probs: np.ndarray, size: Any,
+    def write(self, coords: np.ndarray, probs: np.ndarray, size: Level0Side | np.ndarray,
               extra: dict[str, np.ndarray] | None = None) -> None:
         """``coords`` (n, 2) level-0 top-left (x, y); ``probs`` (n, C); ``size`` the patch's
         level-0 side (scalar, (w, h) or (n, 2)); ``extra`` more measurements, e.g.

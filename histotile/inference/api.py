@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from histotile.archives import is_archive
-from histotile.batch import BatchSummary, expand_inputs, resolve_shard
+from histotile.batch import BatchSummary, ErrorPolicy, expand_inputs, resolve_shard
 from histotile.errors import InvalidArgumentError, ModelError, os_error
 from histotile.gradcam import cam_target
 from histotile.hpc import run_items
@@ -116,7 +116,7 @@ def fingerprint_for(options: PredictOptions) -> dict[str, Any]:
 
 
 def predict(inputs: str | Path | Sequence[str | Path], out_dir: str | Path = "histotile-out",
-            options: PredictOptions | None = None, *, on_error: Any = "report",
+            options: PredictOptions | None = None, *, on_error: ErrorPolicy = "report",
             **overrides: Any) -> BatchSummary:
     """Predict every slide/archive in ``inputs`` into ``out_dir/<stem>/``.
 

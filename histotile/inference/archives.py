@@ -12,15 +12,20 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histotile.archives import open_archive
+from histotile.archives import PatchArchive, open_archive
 from histotile.confidence import ConfidenceTracker, domain_warning, run_record
 from histotile.errors import ModelError
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
+
+if TYPE_CHECKING:  # the engine imports torch
+    import torch
+
+    from histotile.engine import EngineStats, StainStep
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +86,8 @@ def predict_archive(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str,
     return info
 
 
-def _archive_batches(archive: Any, batch_size: int, stain: Any,
-                     stats: Any) -> Iterator[tuple[np.ndarray, Any]]:
+def _archive_batches(archive: PatchArchive, batch_size: int, stain: StainStep | None,
+                     stats: EngineStats) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     import torch
 
     it = archive.iter_batches(batch_size)
@@ -102,7 +107,7 @@ def _archive_batches(archive: Any, batch_size: int, stain: Any,
         yield idx, torch.from_numpy(patches)
 
 
-def _archive_header(names: Sequence[str], archive: Any) -> str:
+def _archive_header(names: Sequence[str], archive: PatchArchive) -> str:
     cols = ["index"] + (["x", "y"] if archive.coords is not None else [])
     cols += [f"prob_{n}" for n in names] + ["label"]
     if archive.labels is not None:
@@ -110,7 +115,8 @@ def _archive_header(names: Sequence[str], archive: Any) -> str:
     return ",".join(cols)
 
 
-def _archive_rows(idx: np.ndarray, probs: np.ndarray, names: Sequence[str], archive: Any) -> str:
+def _archive_rows(idx: np.ndarray, probs: np.ndarray, names: Sequence[str],
+                  archive: PatchArchive) -> str:
     arg = probs.argmax(axis=1)
     lines = []
     for k, i in enumerate(idx.tolist()):

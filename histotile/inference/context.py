@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from histotile.errors import NoTissueError
 from histotile.inference.model import LazyModel
 from histotile.models.preprocess import STAIN_SEED, Preprocessing
 from histotile.options import PredictOptions
+
+if TYPE_CHECKING:
+    from histotile.engine import ComputePlan, StainStep  # imports torch
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ class PredictContext:
     options: PredictOptions
     model: LazyModel
     preprocessing: Preprocessing
-    compute: Any = None  # engine.ComputePlan, set once per process before the first item
+    compute: ComputePlan | None = None  # set once per process before the first item
 
     @classmethod
     def from_options(cls, options: PredictOptions) -> PredictContext:
@@ -52,7 +55,7 @@ class PredictContext:
                 "preprocessing": self.preprocessing.describe()}
 
     def slide_stain_step(self, sample: np.ndarray | None, subject: str
-                         ) -> tuple[Any, dict[str, Any]]:
+                         ) -> tuple[StainStep | None, dict[str, Any]]:
         """The stain step of one slide (or None) and its run.json info: the normaliser fitted
         once on ``sample``, a uint8 (k,P,P,3) seeded sample of the slide's tissue patches
         (``None`` when the plan normalises nothing: no patch is read for it)."""
@@ -77,7 +80,7 @@ class PredictContext:
                     "max_concentrations": fit.max_concentrations.double().cpu().tolist(),
                     "n_pixels": int(fit.n_pixels)}}
 
-    def patch_stain_step(self) -> tuple[Any, dict[str, Any]]:
+    def patch_stain_step(self) -> tuple[StainStep | None, dict[str, Any]]:
         """The stain step for archive patches (from many slides): each patch fitted on its own,
         as in training and ``evaluate``."""
         from histotile.engine import StainStep

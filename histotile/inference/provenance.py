@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +75,8 @@ def environment(ctx: PredictContext) -> dict[str, Any]:
     return info
 
 
-def library_command(inputs: Any, out_dir: Any, model: Any) -> str:
+def library_command(inputs: Sequence[str | Path], out_dir: str | Path,
+                    model: str | Path | None) -> str:
     """The command recorded for a call from Python."""
     argv = " ".join(shlex.quote(a) for a in sys.argv)
     return f"{argv} :: histotile.predict({list(map(str, inputs))!r}, out_dir={str(out_dir)!r}, " \

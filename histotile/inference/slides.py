@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,15 +38,20 @@ from histotile.export.qupath import TILES_GZ, TILES_PLAIN, GeoJSONTileWriter, wr
 from histotile.export.slide_pictures import write_slide_pictures
 from histotile.export.tissue_geojson import write_tissue_geojson
 from histotile.gradcam import GradCAM, cam_target, resolve_layer
-from histotile.grid import make_grid
+from histotile.grid import PatchGrid, make_grid
 from histotile.inference.context import PredictContext
 from histotile.inference.provenance import StageTimer, environment, progress_bar
 from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
-from histotile.patches import plan_regions, sample_patches, unreadable_record
-from histotile.slide import open_slide
+from histotile.patches import Region, plan_regions, sample_patches, unreadable_record
+from histotile.slide import Slide, open_slide
 from histotile.stitch import CamStitcher, HeatmapWriter
-from histotile.tissue import require_brightfield
+from histotile.tissue import TissueMask, require_brightfield
 from histotile.tissue_source import tissue_for_slide, tissue_info
+from histotile.units import Level0Px, Level0Side
+
+if TYPE_CHECKING:  # the engine and models import torch
+    from histotile.engine import EngineStats, StainStep
+    from histotile.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 CAM_PIXELS_PER_PATCH = 8  # default --cam-resolution = patch_size_level0 / this
@@ -53,13 +59,13 @@ DARKFIELD_HINT = ("the model is for brightfield slides; pass --allow-darkfield t
                   "anyway")
 
 
-def _slide_stain_sample(slide: Any, grid: Any) -> np.ndarray:
+def _slide_stain_sample(slide: Slide, grid: PatchGrid) -> np.ndarray:
     """The seeded sample the slide's stain fit is made on; patches that cannot be decoded are
     left out (the engine records them when it meets them again)."""
     return sample_patches(slide, grid, n=STAIN_SAMPLE, seed=STAIN_SEED, unreadable=[])
 
 
-def _grid(slide: Any, tissue: Any, ctx: PredictContext, item: Path) -> Any:
+def _grid(slide: Slide, tissue: TissueMask, ctx: PredictContext, item: Path) -> PatchGrid:
     """The model's patch grid on ``slide``; a grid that cannot be laid gets a hint in predict's
     own options (the grid's own hints name ``tile``'s ``--mpp``/``--level``/``--patch-size``)."""
     card = ctx.model.card
@@ -74,7 +80,7 @@ def _grid(slide: Any, tissue: Any, ctx: PredictContext, item: Path) -> Any:
             "made for this resolution", subject=str(item)) from exc
 
 
-def unreadable_info(grid: Any, rows: list[int], tissue: Any, max_fraction: float,
+def unreadable_info(grid: PatchGrid, rows: list[int], tissue: TissueMask, max_fraction: float,
                     subject: str) -> dict[str, Any]:
     """run.json's ``unreadable`` record; :class:`TooMuchUnreadableError` above ``max_fraction``
     (:func:`histotile.patches.unreadable_record`, the rule ``tile`` shares)."""
@@ -150,9 +156,9 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
     }
 
 
-def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: Any,
-               tmp_dir: Path, ctx: PredictContext, timer: StageTimer
-               ) -> tuple[Any, dict[str, Any]]:
+def _run_slide(slide: Slide, grid: PatchGrid, regions: list[Region], tissue: TissueMask,
+               stain: StainStep | None, tmp_dir: Path, ctx: PredictContext, timer: StageTimer
+               ) -> tuple[EngineStats, dict[str, Any]]:
     """Stream the slide through the model into the writers; returns (engine stats, run info)."""
     from histotile.engine import EngineStats, run_inference  # engine imports torch
 
@@ -222,14 +228,15 @@ def _run_slide(slide: Any, grid: Any, regions: list[Any], tissue: Any, stain: An
     return stats, info
 
 
-def default_cam_resolution(patch_size_level0: Any) -> float:
+def default_cam_resolution(patch_size_level0: Level0Side) -> Level0Px:
     """Level-0 px per CAM pixel when ``--cam-resolution`` is not given: the patch's level-0 side
     over :data:`CAM_PIXELS_PER_PATCH` (8 CAM pixels per patch side), rounded, at least 1."""
     side = float(np.max(np.asarray(patch_size_level0, dtype=np.float64)))
-    return float(max(1, round(side / CAM_PIXELS_PER_PATCH)))
+    return Level0Px(float(max(1, round(side / CAM_PIXELS_PER_PATCH))))
 
 
-def _gradcam_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
+def _gradcam_parts(heat: HeatmapWriter, grid: PatchGrid, ctx: PredictContext
+                   ) -> tuple[CamStitcher, Callable[[LoadedModel], Callable[..., Any]]]:
     """The CAM stitcher on the heatmap store and the engine's ``explain`` factory."""
     card = ctx.model.card
     target = cam_target(ctx.options.cam_class, card.class_names)
@@ -241,7 +248,8 @@ def _gradcam_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]
     return stitcher, functools.partial(_make_cam, ctx=ctx, target=target)
 
 
-def _attention_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, Any]:
+def _attention_parts(heat: HeatmapWriter, grid: PatchGrid, ctx: PredictContext
+                     ) -> tuple[CamStitcher, Callable[[LoadedModel], Callable[..., Any]]]:
     """The ``attention`` image's stitcher and the engine's ``explain`` factory (ViT only)."""
     resolution = ctx.options.cam_resolution or default_cam_resolution(grid.patch_size_level0)
     stitcher = CamStitcher.from_grid(
@@ -251,7 +259,7 @@ def _attention_parts(heat: Any, grid: Any, ctx: PredictContext) -> tuple[Any, An
     return stitcher, _make_attention
 
 
-def _make_attention(loaded: Any) -> Any:
+def _make_attention(loaded: LoadedModel) -> Callable[..., Any]:
     """``x -> (head-mean CLS attention (B, g, g), probs)`` for a loaded ViT."""
     def fn(x: Any) -> Any:
         per_head, probs = cls_attention(loaded.module, x)
@@ -260,7 +268,8 @@ def _make_attention(loaded: Any) -> Any:
     return fn
 
 
-def _make_cam(loaded: Any, ctx: PredictContext, target: str | int) -> Any:
+def _make_cam(loaded: LoadedModel, ctx: PredictContext, target: str | int
+              ) -> Callable[..., Any]:
     """``x -> (raw maps at the layer's grid, probs)`` for a loaded model (a GradCAM pass)."""
     layer = resolve_layer(loaded.module, ctx.options.cam_layer,
                           loaded.card.architecture.name)
@@ -268,13 +277,13 @@ def _make_cam(loaded: Any, ctx: PredictContext, target: str | int) -> Any:
     return functools.partial(cam, target=target, normalise="none", size=0)
 
 
-def _drop_cam_scratch(stitcher: Any) -> None:
+def _drop_cam_scratch(stitcher: CamStitcher | None) -> None:
     if stitcher is not None:
         stitcher.discard()
 
 
-def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
-                   stitcher: Any, geo: Any) -> dict[str, Any]:
+def _extra_outputs(tmp_dir: Path, tissue: TissueMask, ctx: PredictContext, seed: str,
+                   stitcher: CamStitcher | None, geo: GeoJSONTileWriter) -> dict[str, Any]:
     """Files made from the closed store/CSV (Grad-CAM overlay, merged classes, OME-TIFF) and
     their run.json info."""
     card = ctx.model.card
@@ -311,7 +320,7 @@ def _extra_outputs(tmp_dir: Path, tissue: Any, ctx: PredictContext, seed: str,
     return info
 
 
-def _pictures(tmp_dir: Path, name: str, tissue: Any, grid: Any, labels: np.ndarray,
+def _pictures(tmp_dir: Path, name: str, tissue: TissueMask, grid: PatchGrid, labels: np.ndarray,
               confidence: ConfidenceTracker, ctx: PredictContext) -> dict[str, Any]:
     """overlay.png, tissue.png, tissue_mask.png; returns run.json's ``confidence``."""
     card = ctx.model.card

@@ -15,13 +15,17 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from histotile.errors import InvalidArgumentError
 from histotile.resample import upsample_maps
 from histotile.stitch.heatmap import HeatmapWriter, as_pair, open_heatmap
+from histotile.units import Level0Px, Level0Side
+
+if TYPE_CHECKING:
+    from histotile.grid import PatchGrid
 
 
 def to_numpy(a: Any) -> np.ndarray:
@@ -47,8 +51,9 @@ class CamStitcher:
     Call :meth:`close` before the heatmap writer's ``close()`` (which builds the pyramids).
     """
 
-    def __init__(self, heatmap: HeatmapWriter, indices: np.ndarray, *, stride_level0: Any,
-                 patch_size_level0: Any, cam_resolution: float, class_name: str = "gradcam",
+    def __init__(self, heatmap: HeatmapWriter, indices: np.ndarray, *,
+                 stride_level0: Level0Side, patch_size_level0: Level0Side,
+                 cam_resolution: float, class_name: str = "gradcam",
                  name: str = "gradcam", cam_scale: float | None = None,
                  color: Sequence[int] = (255, 80, 0), chunk: int = 256,
                  attrs: dict[str, Any] | None = None) -> None:
@@ -59,7 +64,7 @@ class CamStitcher:
                                        f"positive --cam-resolution (got {cam_resolution})",
                                        "use a square grid and e.g. --cam-resolution 8")
         self.block = max(1, round(stride / cam_resolution))
-        self.resolution = stride / self.block  # the effective level-0 px per CAM pixel
+        self.resolution = Level0Px(stride / self.block)  # the effective level-0 px per CAM pixel
         self.foot = max(1, round(as_pair(patch_size_level0)[0] / self.resolution))
         self.reach = math.ceil(self.foot / self.block)  # blocks per footprint side
         self.cols, self.rows = heatmap.image.width, heatmap.image.height
@@ -85,7 +90,8 @@ class CamStitcher:
         self.closed = False
 
     @classmethod
-    def from_grid(cls, heatmap: HeatmapWriter, grid: Any, cam_resolution: float, **kwargs: Any
+    def from_grid(cls, heatmap: HeatmapWriter, grid: PatchGrid, cam_resolution: float,
+                  **kwargs: Any
                   ) -> CamStitcher:
         """For a :class:`histotile.grid.PatchGrid` (its indices, stride and patch size)."""
         return cls(heatmap, grid.indices, stride_level0=grid.stride_level0,

@@ -33,6 +33,7 @@ import numpy as np
 from histotile import __version__
 from histotile.errors import InputNotFoundError, InvalidArgumentError
 from histotile.fileio import commit, json_safe, temp_path
+from histotile.units import Level0Px, Level0Side, MicronsPerPixel
 
 VALUE_SCALE = 255
 COVERAGE_PREDICTED, COVERAGE_UNREADABLE = 1, 2  # labels/coverage values (0: not predicted)
@@ -325,9 +326,10 @@ class HeatmapWriter:
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=2)
         mpp = self.attrs.get("slide_mpp")
         mpp_x, mpp_y = as_pair(mpp) if mpp is not None else (1.0, 1.0)
-        self._mpp = (mpp_x, mpp_y)
+        self._mpp = (MicronsPerPixel(mpp_x), MicronsPerPixel(mpp_y))  # 1.0: no unit
         self._unit = "micrometer" if mpp is not None else None
-        self._origin = as_pair(self.attrs.get("origin_level0", (0, 0)))
+        ox, oy = as_pair(self.attrs.get("origin_level0", (0, 0)))
+        self._origin = (Level0Px(ox), Level0Px(oy))
         stride = self.attrs.get("stride_level0")
         if stride is None:
             raise InvalidArgumentError("heatmap attrs lack stride_level0",
@@ -368,7 +370,8 @@ class HeatmapWriter:
             zeros = np.zeros((len(idx), writer.channels, b, b), np.uint8)
             writer.write(idx, zeros, cover_value=COVERAGE_UNREADABLE)
 
-    def add_image(self, name: str, *, block: int, stride_level0: float | tuple[float, float],
+    def add_image(self, name: str, *, block: int,
+                  stride_level0: Level0Side,
                   channel_names: Sequence[str], channel_colors: Sequence[Sequence[int]],
                   expected: np.ndarray | None = None, chunk: int = 256) -> MultiscaleWriter:
         """Another multiscale image ``name`` in the same store (e.g. ``gradcam``): each grid patch
