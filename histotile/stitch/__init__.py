@@ -28,7 +28,8 @@ from histotile.stitch.heatmap import (
 )
 
 __all__ = [
-    "COVERAGE_PREDICTED", "COVERAGE_UNREADABLE", "MIN_PYRAMID_SIDE", "VALUE_SCALE", "CamStitcher", "HeatmapWriter", "MultiscaleWriter",
+    "COVERAGE_PREDICTED", "COVERAGE_UNREADABLE", "MIN_PYRAMID_SIDE", "VALUE_SCALE", "CamStitcher",
+    "HeatmapWriter", "MultiscaleWriter",
     "as_pair", "coarsen_mean", "heatmap_pixel_to_level0", "level0_to_heatmap_pixel",
     "open_heatmap", "read_coverage", "read_gradcam", "read_heatmap", "to_uint8",
 ]
