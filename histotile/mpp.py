@@ -35,7 +35,8 @@ class FoundMpp:
     rejected: dict[str, Any] | None = None
 
 
-def _float(value: Any) -> float | None:
+def positive_float(value: Any) -> float | None:
+    """``value`` as a finite positive float, else None (metadata strings, numbers)."""
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -57,7 +58,8 @@ def mpp_from_tiff_tags(props: dict[str, Any]
                        ) -> tuple[tuple[float, float] | None, str | None]:
     """(mpp from the TIFF resolution tags, None) or (None, why they give no pixel size);
     (None, None) without tags."""
-    xr, yr = _float(props.get("tiff.XResolution")), _float(props.get("tiff.YResolution"))
+    xr = positive_float(props.get("tiff.XResolution"))
+    yr = positive_float(props.get("tiff.YResolution"))
     if xr is None:
         return None, None
     unit = str(props.get("tiff.ResolutionUnit", "") or "").strip().lower()
@@ -73,7 +75,8 @@ def find_mpp(props: dict[str, Any], backend: str, vendor: str | None,
     """The slide's mpp from its library ``props`` (see the module docstring)."""
     if override is not None:
         return FoundMpp((float(override), float(override)), "override")
-    mx, my = _float(props.get(f"{backend}.mpp-x")), _float(props.get(f"{backend}.mpp-y"))
+    mx = positive_float(props.get(f"{backend}.mpp-x"))
+    my = positive_float(props.get(f"{backend}.mpp-y"))
     generic = vendor in _GENERIC_VENDORS
     tags, why_not = mpp_from_tiff_tags(props)
     rejected: dict[str, Any] | None = None

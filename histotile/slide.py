@@ -32,7 +32,7 @@ from histotile.errors import (
     UnsupportedFormatError,
 )
 from histotile.items import item_kind
-from histotile.mpp import find_mpp
+from histotile.mpp import find_mpp, positive_float
 from histotile.resample import block_mean
 from histotile.slide_formats import (
     SlideioHandle,
@@ -173,14 +173,6 @@ def _open_backend(path: Path, backend: str) -> Any:
         tiff_log.setLevel(level)
 
 
-def _float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
-
-
 class Slide:
     """An open slide: metadata, mpp with its source and RGB region reads (see docs/CONTRACTS.md)."""
 
@@ -201,7 +193,7 @@ class Slide:
         self.level_dimensions = [tuple(int(v) for v in d) for d in handle.level_dimensions]
         self.level_downsamples = [float(d) for d in handle.level_downsamples]
         self.vendor = props.get(f"{backend}.vendor") or None
-        self.objective_power = _float(props.get(f"{backend}.objective-power"))
+        self.objective_power = positive_float(props.get(f"{backend}.objective-power"))
         self.mpp, self.mpp_source = self._find_mpp(slide_mpp)
         if self.mpp_source == "openslide":
             self.mpp_source = _VENDOR_MPP_SOURCE.get(backend, "openslide")
@@ -219,7 +211,7 @@ class Slide:
     def _find_mpp(self, override: float | None) -> tuple[tuple[float, float] | None, str | None]:
         """(mpp x, y) and its source (:func:`histotile.mpp.find_mpp`); metadata that is no
         microscope pixel size is set aside in ``mpp_rejected`` with the rule that did it."""
-        if override is not None and not _float(override):
+        if override is not None and not positive_float(override):
             raise InvalidArgumentError(f"--slide-mpp {override} is not a positive number",
                                        "give microns per pixel, e.g. 0.25", str(self.path))
         found = find_mpp(self.properties, self.backend, self.vendor, self.objective_power,

@@ -254,6 +254,21 @@ def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
         return labels, int(label(mask, structure, output=labels))
 
 
+def read_mask_thumbnail(slide: Slide, mask_mpp: float,
+                        unreadable: list[tuple[int, int, int, int]]
+                        ) -> tuple[np.ndarray, float, float | None]:
+    """The thumbnail a tissue mask is made on: ``(rgb, downsample, mpp)`` at about ``mask_mpp``
+    (1/16 of level 0 and mpp None without a slide mpp), read in bounded blocks; damaged pieces
+    are appended to ``unreadable``."""
+    if slide.mpp is not None:
+        slide_mpp = slide.require_mpp()
+        thumb, ds = slide.read_downsampled(mask_mpp / slide_mpp, block=READ_BLOCK,
+                                           unreadable=unreadable)
+        return thumb, ds, ds * slide_mpp
+    thumb, ds = slide.read_downsampled(16.0, block=READ_BLOCK, unreadable=unreadable)
+    return thumb, ds, None
+
+
 def detect_tissue(slide: Slide, method: str = "otsu", mask_mpp: float = MASK_MPP,
                   median_size: int = 5, closing_um: float = CLOSING_UM,
                   min_object_um2: float = MIN_OBJECT_UM2,
@@ -265,14 +280,7 @@ def detect_tissue(slide: Slide, method: str = "otsu", mask_mpp: float = MASK_MPP
     unreadable thumbnail pieces count as tissue (module docstring).
     """
     unreadable: list[tuple[int, int, int, int]] = []
-    if slide.mpp is not None:
-        slide_mpp = slide.require_mpp()
-        thumb, ds = slide.read_downsampled(mask_mpp / slide_mpp, block=READ_BLOCK,
-                                           unreadable=unreadable)
-        mpp: float | None = ds * slide_mpp
-    else:
-        thumb, ds = slide.read_downsampled(16.0, block=READ_BLOCK, unreadable=unreadable)
-        mpp = None
+    thumb, ds, mpp = read_mask_thumbnail(slide, mask_mpp, unreadable)
     light = classify_illumination(thumb, getattr(slide, "fluorescence_channel", None))
     if light.kind == "darkfield":
         log.warning("%s: dark-field / fluorescence slide (%s); tissue is taken as bright on dark",

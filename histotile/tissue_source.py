@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from histotile.annotations import folder_identity, match_file, rasterize, read_annotations
 from histotile.tissue import (
     MASK_MPP,
-    READ_BLOCK,
     TissueMask,
     classify_illumination,
     detect_tissue,
+    read_mask_thumbnail,
 )
 
 if TYPE_CHECKING:
@@ -71,14 +71,7 @@ def read_tissue_mask(slide: Slide, path: str | Path, mask_mpp: float = MASK_MPP)
         log.warning("%s: objects classified %s are not tissue and are ignored", path.name,
                     ", ".join(others))
     unreadable: list[tuple[int, int, int, int]] = []  # recorded; the drawn mask decides
-    if slide.mpp is not None:
-        slide_mpp = slide.require_mpp()
-        thumb, ds = slide.read_downsampled(mask_mpp / slide_mpp, block=READ_BLOCK,
-                                           unreadable=unreadable)
-        mpp: float | None = ds * slide_mpp
-    else:
-        thumb, ds = slide.read_downsampled(16.0, block=READ_BLOCK, unreadable=unreadable)
-        mpp = None
+    thumb, ds, mpp = read_mask_thumbnail(slide, mask_mpp, unreadable)
     mask = rasterize(annotations.union(TISSUE_CLASSES), thumb.shape[:2], ds)
     if not mask.any():
         log.warning("%s: the tissue mask %s covers no tissue", slide.path, path.name)

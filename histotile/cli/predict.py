@@ -8,7 +8,6 @@ of the first slide is ready.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -101,7 +100,7 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values:
     options recomputes finished slides.
     PCam .h5 and MedMNIST .npz archives get predictions.csv and, with labels, the accuracy.
     """
-    from histotile.inference import accuracy_lines
+    from histotile.inference import accuracy_lines, closing_lines
     from histotile.inference import predict as run_predict
 
     quiet, debug = quiet_flag(ctx), debug_flag(ctx)
@@ -125,38 +124,3 @@ def predict(ctx: click.Context, inputs: tuple[str, ...], out_dir: str, **values:
         click.echo(busy, err=True)
     if summary.exit_code:  # 1: an item failed; 75: items left busy in another run
         sys.exit(summary.exit_code)  # (ctx.exit's code is lost under standalone_mode=False)
-
-
-def closing_lines(summary, out_dir: str, max_warnings: int = 5
-                  ) -> tuple[list[str], str | None]:  # summary: a BatchSummary
-    """The run's last words, from each finished item's run.json: one line per item that looks
-    outside the model's domain (at most ``max_warnings``, then a count), and where the results
-    are with what to open first."""
-    import json
-    from pathlib import Path
-
-    warnings, folders = [], []
-    for r in summary.results:
-        if r.status not in ("done", "skipped") or not r.output:
-            continue
-        try:
-            run = json.loads((Path(r.output) / "run.json").read_text())
-        except (OSError, ValueError):
-            continue
-        folders.append((Path(r.output), run.get("kind") == "slide"))
-        warning = (run.get("confidence") or {}).get("warning")
-        if warning:
-            warnings.append(f"{Path(r.slide).name}: {warning}")
-    if len(warnings) > max_warnings:
-        more = len(warnings) - max_warnings
-        warnings = warnings[:max_warnings] + [
-            f"... and {more} more slides look outside the model's domain (run.json: confidence)"]
-    if not folders:
-        return warnings, None
-    folder, is_slide = folders[0]
-    first = "overlay.png" if is_slide else "predictions.csv"
-    if len(folders) == 1:
-        return warnings, f"results: {folder}{os.sep} (open {first} first)"
-    return warnings, (f"results: {Path(out_dir)}{os.sep} ({len(folders)} folders and "
-                      f"manifest.csv; open {folder.name}{os.sep}{first} first)")
-

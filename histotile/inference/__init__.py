@@ -18,6 +18,6 @@ Modules: :mod:`~histotile.inference.api` (the entry point, up-front checks),
 from __future__ import annotations
 
 from histotile.inference.api import fingerprint_for, make_predict_process, predict
-from histotile.inference.provenance import accuracy_lines
+from histotile.inference.provenance import accuracy_lines, closing_lines
 
-__all__ = ["accuracy_lines", "fingerprint_for", "make_predict_process", "predict"]
+__all__ = ["accuracy_lines", "closing_lines", "fingerprint_for", "make_predict_process", "predict"]

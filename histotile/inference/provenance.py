@@ -83,9 +83,8 @@ def library_command(inputs: Sequence[str | Path], out_dir: str | Path,
            f"model={model!r}) [pid {os.getpid()}]"
 
 
-def accuracy_lines(summary: BatchSummary) -> list[str]:
-    """``<name>: accuracy 0.912 (912/1000)`` for each finished archive with labels."""
-    lines = []
+def finished_runs(summary: BatchSummary) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Each finished (done or skipped) item of ``summary`` with its run.json, in order."""
     for r in summary.results:
         if r.status not in ("done", "skipped") or not r.output:
             continue
@@ -93,8 +92,37 @@ def accuracy_lines(summary: BatchSummary) -> list[str]:
             run = json.loads((Path(r.output) / "run.json").read_text())
         except (OSError, ValueError):
             continue
-        if run.get("accuracy") is not None:
-            lines.append(f"{Path(r.slide).name}: accuracy {run['accuracy']:.4f} "
-                         f"({run['correct']}/{run['patches']}), balanced accuracy "
-                         f"{run['balanced_accuracy']:.4f}")
-    return lines
+        yield r, run
+
+
+def accuracy_lines(summary: BatchSummary) -> list[str]:
+    """``<name>: accuracy 0.912 (912/1000)`` for each finished archive with labels."""
+    return [f"{Path(r.slide).name}: accuracy {run['accuracy']:.4f} "
+            f"({run['correct']}/{run['patches']}), balanced accuracy "
+            f"{run['balanced_accuracy']:.4f}"
+            for r, run in finished_runs(summary) if run.get("accuracy") is not None]
+
+
+def closing_lines(summary: BatchSummary, out_dir: str | os.PathLike[str], max_warnings: int = 5
+                  ) -> tuple[list[str], str | None]:
+    """The run's last words, from each finished item's run.json: one line per item that looks
+    outside the model's domain (at most ``max_warnings``, then a count), and where the results
+    are with what to open first."""
+    warnings, folders = [], []
+    for r, run in finished_runs(summary):
+        folders.append((Path(r.output), run.get("kind") == "slide"))
+        warning = (run.get("confidence") or {}).get("warning")
+        if warning:
+            warnings.append(f"{Path(r.slide).name}: {warning}")
+    if len(warnings) > max_warnings:
+        more = len(warnings) - max_warnings
+        warnings = warnings[:max_warnings] + [
+            f"... and {more} more slides look outside the model's domain (run.json: confidence)"]
+    if not folders:
+        return warnings, None
+    folder, is_slide = folders[0]
+    first = "overlay.png" if is_slide else "predictions.csv"
+    if len(folders) == 1:
+        return warnings, f"results: {folder}{os.sep} (open {first} first)"
+    return warnings, (f"results: {Path(out_dir)}{os.sep} ({len(folders)} folders and "
+                      f"manifest.csv; open {folder.name}{os.sep}{first} first)")
