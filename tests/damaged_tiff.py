@@ -75,3 +75,11 @@ def _set_tile_bytecount(fh, path: Path, page: int, index: int, value: int) -> No
         code = tifffile.TIFF.DATA_FORMATS[fmt][-1]
         fh.seek(where)
         fh.write(np.array([value], dtype=tf.byteorder + code).tobytes())
+
+
+def damaged_pyramid(folder: Path, rgb: np.ndarray, mode: str, x: int = 512, y: int = 512) -> Path:
+    """GENERATED: ``write_pyramid`` of ``rgb`` with the level-0 tile holding pixel (x, y) broken
+    in ``mode`` (header, garbage or truncated)."""
+    path = write_pyramid(folder / f"generated-damaged-{mode}.tif", rgb)
+    damage_tile(path, 0, tile_index(path, 0, x, y), mode)
+    return path

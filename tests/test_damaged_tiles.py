@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from conftest import real_data
 from damaged_tiff import MODES, damage_tile, tile_index, write_pyramid
-from helpers import HE_REFERENCE
+from helpers import HE_REFERENCE, make_untrained_model
 from PIL import Image
-from test_predict import make_untrained_model
 
 from histotile.errors import UnreadableRegionError
 from histotile.grid import make_grid

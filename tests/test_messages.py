@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 import histotile
-from histotile.cli import TqdmLogHandler, main
+from histotile.cli import TqdmLogHandler
 
 ROOT = Path(histotile.__file__).resolve().parents[1]
 
@@ -24,16 +25,6 @@ def _after_last_cr(line: str) -> str:
     """What a terminal shows of a line: the text after its last carriage return."""
     return line.rsplit("\r", 1)[-1]
 
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.slow  # its own process: ~11 s on 2 cores (the -q case below runs in-process)

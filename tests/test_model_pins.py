@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from test_predict import make_untrained_model
+from helpers import make_untrained_model
 
 from histotile.errors import ChecksumError
 from histotile.models.loading import resolve_model

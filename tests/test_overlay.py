@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_stitch import CLASSES, COLORS, cmu_grid, generated_probs
+from helpers import CLASSES, COLORS, cmu_grid, generated_probs
 
 from histotile.export.drawing import WARN_RED, nice_length
 from histotile.export.overlay import (

@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import real_data
-from damaged_tiff import damage_tile, tile_index, write_pyramid
-from helpers import HE_REFERENCE
+from damaged_tiff import damaged_pyramid
+from helpers import HE_REFERENCE, make_untrained_model, run_cli
 from PIL import Image
-from test_predict import make_untrained_model
-
-from histotile.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +40,6 @@ def mosaic(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     return np.ascontiguousarray(np.tile(he, (6, 6, 1))[:2000, :2000])  # 2000 x 2000 px
 
 
-def damaged_slide(folder: Path, mosaic: np.ndarray, mode: str = "header") -> Path:
-    """GENERATED: a 3-level JPEG pyramid of real H&E pixels, level-0 tile at (512, 512) broken."""
-    path = write_pyramid(folder / f"generated-damaged-{mode}.tif", mosaic)
-    damage_tile(path, 0, tile_index(path, 0, 512, 512), mode)
-    return path
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_lines(err: str) -> list[str]:
@@ -70,9 +52,9 @@ def error_lines(err: str) -> list[str]:
 @pytest.mark.parametrize("backend", ["auto", "openslide", "tiffslide"])
 def test_issue17_corrupt_tile_costs_only_its_patches_in_predict(tmp_path, mosaic, model32,
                                                                 capsys, caplog, backend):
-    slide = damaged_slide(tmp_path, mosaic)
+    slide = damaged_pyramid(tmp_path, mosaic, "header")
     out = tmp_path / "out"
-    code, _, err = run(["-q", "predict", str(slide), "-o", str(out), "--model", str(model32),
+    code, _, err = run_cli(["-q", "predict", str(slide), "-o", str(out), "--model", str(model32),
                         "--backend", backend, "--stain-norm", "none"], capsys)
     assert code == 0, err
     assert not error_lines(err)  # a warning, not an error
@@ -100,9 +82,9 @@ def test_issue17_corrupt_tile_costs_only_its_patches_in_predict(tmp_path, mosaic
 
 @pytest.mark.slow  # a 2000 x 2000 px mosaic through predict (~30-60 s on 2 cores)
 def test_issue17_too_much_unreadable_fails_the_slide(tmp_path, mosaic, model32, capsys):
-    slide = damaged_slide(tmp_path, mosaic, "garbage")
+    slide = damaged_pyramid(tmp_path, mosaic, "garbage")
     out = tmp_path / "out"
-    code, _, err = run(["-q", "predict", str(slide), "-o", str(out), "--model", str(model32),
+    code, _, err = run_cli(["-q", "predict", str(slide), "-o", str(out), "--model", str(model32),
                         "--max-unreadable", "0.01"], capsys)
     lines = error_lines(err)
     assert code != 0 and len(lines) == 1
@@ -113,9 +95,9 @@ def test_issue17_too_much_unreadable_fails_the_slide(tmp_path, mosaic, model32, 
 @pytest.mark.slow  # a 2000 x 2000 px mosaic through predict (~30-60 s on 2 cores)
 def test_issue17_stain_sample_survives_a_bad_tile(tmp_path, mosaic, model32, capsys):
     """Macenko on (the card asks for it): the sample skips the unreadable patches."""
-    slide = damaged_slide(tmp_path, mosaic, "truncated")
+    slide = damaged_pyramid(tmp_path, mosaic, "truncated")
     out = tmp_path / "out"
-    code, _, err = run(["-q", "predict", str(slide), "-o", str(out), "--model", str(model32)],
+    code, _, err = run_cli(["-q", "predict", str(slide), "-o", str(out), "--model", str(model32)],
                        capsys)
     assert code == 0, err
     run_json = json.loads((out / slide.stem / "run.json").read_text())
@@ -128,7 +110,7 @@ def test_issue17_stain_norm_none_reads_no_stain_sample(tmp_path, cmu_small, mode
 
     calls = []
     monkeypatch.setattr(slides, "sample_patches", lambda *a, **k: calls.append(1))
-    code, _, err = run(["-q", "predict", str(cmu_small), "-o", str(tmp_path / "o"),
+    code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(tmp_path / "o"),
                         "--model", str(model_cmu), "--stain-norm", "none"], capsys)
     assert code == 0, err
     assert calls == []
@@ -138,7 +120,7 @@ def test_issue17_stain_norm_none_reads_no_stain_sample(tmp_path, cmu_small, mode
 def test_issue17_fluorescence_slide_is_refused_for_an_he_model(tmp_path, capsys):
     ndpi = real_data("slides/fluorescence-DAPI.ndpi")
     out = tmp_path / "out"
-    code, _, err = run(["-q", "predict", str(ndpi), "-o", str(out)], capsys)
+    code, _, err = run_cli(["-q", "predict", str(ndpi), "-o", str(out)], capsys)
     lines = error_lines(err)
     assert code != 0 and len(lines) == 1
     assert "fluorescence" in lines[0] and "--allow-darkfield" in lines[0]
@@ -148,7 +130,7 @@ def test_issue17_fluorescence_slide_is_refused_for_an_he_model(tmp_path, capsys)
 def test_issue17_allow_darkfield_runs_and_is_recorded(tmp_path, capsys):
     ndpi = real_data("slides/fluorescence-DAPI.ndpi")
     out = tmp_path / "out"
-    code, _, err = run(["-q", "predict", str(ndpi), "-o", str(out), "--allow-darkfield"],
+    code, _, err = run_cli(["-q", "predict", str(ndpi), "-o", str(out), "--allow-darkfield"],
                        capsys)
     assert code == 0, err
     run_json = json.loads((out / ndpi.stem / "run.json").read_text())
@@ -159,7 +141,7 @@ def test_issue17_allow_darkfield_runs_and_is_recorded(tmp_path, capsys):
 
 def test_he_slide_is_not_refused(tmp_path, cmu_small, model_cmu, capsys):
     out = tmp_path / "out"
-    code, _, err = run(["-q", "predict", str(cmu_small), "-o", str(out), "--model",
+    code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(out), "--model",
                         str(model_cmu)], capsys)
     assert code == 0, err
     run_json = json.loads((out / cmu_small.stem / "run.json").read_text())
@@ -175,20 +157,20 @@ def test_issue17_pcam_tiles_passed_as_slides_get_one_line(tmp_path, capsys):
     folder.mkdir()
     for t in tiles:
         shutil.copyfile(t, folder / t.name)
-    code, _, err = run(["-q", "predict", *map(str, sorted(folder.glob("*.tif"))), "-o",
+    code, _, err = run_cli(["-q", "predict", *map(str, sorted(folder.glob("*.tif"))), "-o",
                         str(tmp_path / "out")], capsys)
     lines = error_lines(err)
     assert code != 0 and len(lines) == 1, err
     assert f"{len(tiles)} of {len(tiles)} inputs" in lines[0] and "patches, not slides" in lines[0]
     assert "HDF5" in lines[0] and "--slide-mpp" not in lines[0]
-    code, _, err = run(["-q", "predict", str(folder), "-o", str(tmp_path / "out")], capsys)
+    code, _, err = run_cli(["-q", "predict", str(folder), "-o", str(tmp_path / "out")], capsys)
     assert len(error_lines(err)) == 1
 
 
 def test_issue17_predict_hints_name_only_predict_options(tmp_path, cmu_small, model_cmu,
                                                          capsys):
     # a 2 um/px model on a slide said to be 5 um/px: far finer than the slide
-    code, _, err = run(["-q", "predict", str(cmu_small), "-o", str(tmp_path / "out"),
+    code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(tmp_path / "out"),
                         "--model", str(model_cmu), "--slide-mpp", "5"], capsys)
     lines = error_lines(err)
     assert code != 0 and len(lines) == 1
@@ -201,7 +183,7 @@ def test_issue17_predict_hints_name_only_predict_options(tmp_path, cmu_small, mo
 def test_issue17_output_under_a_regular_file_is_one_line(tmp_path, cmu_small, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
-    code, _, err = run(["-q", "predict", str(cmu_small), "-o", str(blocker / "out")], capsys)
+    code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(blocker / "out")], capsys)
     lines = error_lines(err)
     assert code != 0 and len(lines) == 1
     assert "is a file" in lines[0] and "output folder" in lines[0]
@@ -215,7 +197,7 @@ def test_issue17_full_disk_is_one_line_with_a_hint(tmp_path, cmu_small, model_cm
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.csv"))
 
     monkeypatch.setattr(csv_export.PredictionsCSVWriter, "write", full)
-    code, _, err = run(["-q", "predict", str(cmu_small), "-o", str(tmp_path / "out"),
+    code, _, err = run_cli(["-q", "predict", str(cmu_small), "-o", str(tmp_path / "out"),
                         "--model", str(model_cmu)], capsys)
     lines = error_lines(err)
     assert code != 0 and len(lines) == 1

@@ -16,11 +16,10 @@ import h5py
 import numpy as np
 import pytest
 from conftest import real_data
-from damaged_tiff import MODES, damage_tile, tile_index, write_pyramid
-from helpers import HE_REFERENCE
+from damaged_tiff import MODES, damaged_pyramid, write_pyramid
+from helpers import HE_REFERENCE, run_cli
 from PIL import Image
 
-from histotile.cli import main
 from histotile.errors import InvalidArgumentError
 from histotile.options import PredictOptions, TileOptions
 from histotile.tiling import tile_fingerprint
@@ -42,20 +41,6 @@ def clean_slide(folder: Path, he: np.ndarray) -> Path:
     return write_pyramid(folder / "generated-clean.tif", he)
 
 
-def damaged_slide(folder: Path, he: np.ndarray, mode: str) -> Path:
-    path = write_pyramid(folder / f"generated-damaged-{mode}.tif", he)
-    damage_tile(path, 0, tile_index(path, 0, *BAD), mode)
-    return path
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def read_archive(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -73,10 +58,10 @@ def covered(coords: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("mode", MODES)
 def test_issue17_4_tile_damaged_tile_costs_only_its_patches(tmp_path, he, mode, backend,
                                                             capsys):
-    clean, bad = clean_slide(tmp_path, he), damaged_slide(tmp_path, he, mode)
+    clean, bad = clean_slide(tmp_path, he), damaged_pyramid(tmp_path, he, mode, *BAD)
     out = tmp_path / "out"
-    code, _, err = run(["-q", "tile", str(clean), str(bad), "-o", str(out), "--backend", backend,
-                        "--max-unreadable", "0.1", *GRID], capsys)
+    code, _, err = run_cli(["-q", "tile", str(clean), str(bad), "-o", str(out), "--backend",
+                            backend, "--max-unreadable", "0.1", *GRID], capsys)
     assert code == 0, err
     ref_x, ref_coords, ref_attrs = read_archive(out / f"{clean.stem}.h5")
     x, coords, attrs = read_archive(out / f"{bad.stem}.h5")
@@ -107,10 +92,10 @@ def test_issue17_4_tile_damaged_tile_costs_only_its_patches(tmp_path, he, mode, 
 def test_issue17_4_tile_over_max_unreadable_fails_in_one_line_others_finish(tmp_path, he,
                                                                           backend, capsys):
     """Default --max-unreadable 0.05 < 16/225: the damaged slide fails, the clean one is done."""
-    clean, bad = clean_slide(tmp_path, he), damaged_slide(tmp_path, he, "garbage")
+    clean, bad = clean_slide(tmp_path, he), damaged_pyramid(tmp_path, he, "garbage", *BAD)
     out = tmp_path / "out"
-    code, _, err = run(["-q", "tile", str(bad), str(clean), "-o", str(out), "--backend", backend,
-                        *GRID], capsys)
+    code, _, err = run_cli(["-q", "tile", str(bad), str(clean), "-o", str(out), "--backend",
+                            backend, *GRID], capsys)
     assert code != 0
     lines = [ln for ln in err.splitlines() if "--max-unreadable" in ln]
     assert len(lines) == 1, err
@@ -124,10 +109,10 @@ def test_issue17_4_tile_warns_once_and_stain_sample_skips_unreadable(tmp_path, h
                                                                      caplog):
     """Macenko: the stain fit is made (on the readable sample) and the slide is warned about
     once, through logging."""
-    bad = damaged_slide(tmp_path, he, "header")
+    bad = damaged_pyramid(tmp_path, he, "header", *BAD)
     out = tmp_path / "out"
     with caplog.at_level("WARNING"):
-        code, _, err = run(["tile", str(bad), "-o", str(out), "--stain-norm", "macenko",
+        code, _, err = run_cli(["tile", str(bad), "-o", str(out), "--stain-norm", "macenko",
                             "--max-unreadable", "0.1", *GRID], capsys)
     assert code == 0, err
     _, coords, attrs = read_archive(out / f"{bad.stem}.h5")
