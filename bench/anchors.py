@@ -58,12 +58,16 @@ def wsinfer_env() -> dict[str, str]:
 
 def wsinfer_run(slide: Path, model_dir: Path, out: Path, batch_size: int,
                 workers: int) -> ToolRun:
-    """``wsinfer run`` on a folder holding only ``slide`` (WSInfer takes folders)."""
-    wsi_dir = out.parent / f"{out.name}-wsi"
-    wsi_dir.mkdir(parents=True, exist_ok=True)
-    link = wsi_dir / slide.name
-    if not link.exists():
-        link.symlink_to(slide.resolve())
+    """``wsinfer run`` on a folder holding only ``slide`` (WSInfer takes folders), or on
+    ``slide`` itself when it is a folder of slides."""
+    if slide.is_dir():
+        wsi_dir = slide
+    else:
+        wsi_dir = out.parent / f"{out.name}-wsi"
+        wsi_dir.mkdir(parents=True, exist_ok=True)
+        link = wsi_dir / slide.name
+        if not link.exists():
+            link.symlink_to(slide.resolve())
     exe = VENVS / "wsinfer" / "bin" / "wsinfer"
     cmd = [str(exe), "run", "--wsi-dir", str(wsi_dir), "--results-dir", str(out),
            "--model-path", str(model_dir / "wsinfer" / "model.ts"),
@@ -73,12 +77,15 @@ def wsinfer_run(slide: Path, model_dir: Path, out: Path, batch_size: int,
 
 
 def wsinfer_patches(out: Path) -> int:
-    """Rows of WSInfer's model-outputs CSV (one per patch)."""
+    """Rows of WSInfer's model-outputs CSVs (one per patch), summed over its slides."""
     files = sorted((out / "model-outputs-csv").glob("*.csv"))
     if not files:
         raise FileNotFoundError(f"no WSInfer output CSV under {out}")
-    with open(files[0], newline="") as f:
-        return sum(1 for _ in csv.reader(f)) - 1
+    total = 0
+    for path in files:
+        with open(path, newline="") as f:
+            total += sum(1 for _ in csv.reader(f)) - 1
+    return total
 
 
 def wsinfer_coords(out: Path) -> tuple[Any, int]:

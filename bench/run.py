@@ -12,6 +12,8 @@ tissue detection (Otsu, ≥ 50 % tissue per patch). Patch counts are reported fo
     python bench/run.py                      # 20k benchmark slide (built if missing), 3 runs
     python bench/run.py --slide S.tif --runs 5 --tools histotile,wsinfer
     python bench/run.py --quick              # 2048² slide, 1 run, no warm-up (smoke test)
+    python bench/run.py --folder 20 --tools histotile,wsinfer   # a cohort: 20 copies of the
+                                             # CMU sample slide in one folder, one process each
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -98,29 +101,51 @@ def measure(cmd: list[str], env: dict[str, str], log: Path, poll_s: float = 0.2,
 
 # --------------------------------------------------------------------------- tools
 def histotile_run(slide: Path, model_dir: Path, out: Path, batch_size: int,
-                  workers: int | None, model_format: str) -> anchors.ToolRun:
+                  workers: int | None, model_format: str, extra: str = "") -> anchors.ToolRun:
+    """``histotile predict`` on ``slide`` (a slide, or a folder of slides: one process)."""
     folder = model_dir / ("histotile-ts" if model_format == "torchscript" else "histotile")
     cmd = [sys.executable, "-m", "histotile", "--quiet", "predict", str(slide),
            "--model", str(folder), "--out-dir", str(out), "--device", "cpu",
            "--batch-size", str(batch_size)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    return anchors.ToolRun("histotile", cmd, out)
+    return anchors.ToolRun("histotile", cmd + shlex.split(extra), out)
 
 
 def histotile_result(out: Path, slide: Path) -> dict[str, Any]:
-    """Patches and stage timings from histotile's run.json."""
-    run = json.loads((out / slide.stem / "run.json").read_text())
-    return {"patches": int(run["patches"]), "timings": run.get("timings", {}),
-            "engine": run.get("engine", {}), "effective_mpp": run.get("mpp", {}).get(
-                "effective_mpp")}
+    """Patches and stage timings from histotile's run.json (a folder: summed over slides)."""
+    runs = ([json.loads(p.read_text()) for p in sorted(out.glob("*/run.json"))]
+            if slide.is_dir() else [json.loads((out / slide.stem / "run.json").read_text())])
+    timings: dict[str, float] = {}
+    engine: dict[str, float] = {}
+    for run in runs:
+        for k, v in run.get("timings", {}).items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+        for k, v in run.get("engine", {}).items():
+            if isinstance(v, (int, float)):
+                engine[k] = engine.get(k, 0.0) + float(v)
+    return {"patches": sum(int(r["patches"]) for r in runs), "timings": timings,
+            "engine": engine, "slides": len(runs),
+            "effective_mpp": runs[0].get("mpp", {}).get("effective_mpp") if runs else None}
+
+
+def make_folder(out: Path, count: int, source: Path) -> Path:
+    """``count`` copies of ``source`` in ``out/folder<count>/`` (slide-01.svs, ...): a cohort
+    of small slides every tool reads as a folder."""
+    folder = out / f"folder{count}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, count + 1):
+        dest = folder / f"slide-{i:02d}{source.suffix}"
+        if not dest.is_file() or dest.stat().st_size != source.stat().st_size:
+            shutil.copyfile(source, dest)
+    return folder
 
 
 def build_run(tool: str, args: argparse.Namespace, out: Path, mask: Path | None
               ) -> anchors.ToolRun:
     if tool == "histotile":
         return histotile_run(args.slide, args.model_dir, out, args.batch_size,
-                             args.histotile_workers, args.histotile_model)
+                             args.histotile_workers, args.histotile_model, args.histotile_args)
     if tool == "wsinfer":
         return anchors.wsinfer_run(args.slide, args.model_dir, out, args.batch_size,
                                    args.wsinfer_workers)
@@ -145,12 +170,14 @@ def wsinfer_mpp(args: argparse.Namespace) -> float:
 
 
 def slide_facts(slide: Path) -> dict[str, Any]:
+    """Size, levels, mpp and vendor of ``slide`` (a folder: of its first slide, and the count)."""
     import openslide
 
-    with openslide.OpenSlide(str(slide)) as s:
+    slides = sorted(p for p in slide.iterdir() if p.is_file()) if slide.is_dir() else [slide]
+    with openslide.OpenSlide(str(slides[0])) as s:
         return {"dimensions": list(s.dimensions), "levels": s.level_count,
                 "mpp": float(s.properties.get("openslide.mpp-x", "nan")),
-                "vendor": s.properties.get("openslide.vendor")}
+                "vendor": s.properties.get("openslide.vendor"), "slides": len(slides)}
 
 
 # --------------------------------------------------------------------------- model alone
@@ -211,8 +238,12 @@ print(json.dumps({{"patches_per_s": max(one, best), "one_stream_per_s": one,
 
 # --------------------------------------------------------------------------- setup
 def prepare(args: argparse.Namespace) -> None:
-    """Benchmark slide and exported model, built when missing."""
-    if not args.slide.is_file():
+    """Benchmark slide (or folder) and exported model, built when missing."""
+    if args.folder:
+        from make_slide import source_path
+
+        args.slide = make_folder(args.out, args.folder, args.folder_source or source_path())
+    elif not args.slide.is_file():
         from make_slide import make_benchmark_slide
 
         print(f"building {args.slide} ({args.size}² px, seed {args.seed}) ...", flush=True)
@@ -233,6 +264,9 @@ def choose_tools(args: argparse.Namespace) -> list[str]:
         sys.exit(f"unknown tools: {', '.join(sorted(unknown))} (choose from {', '.join(TOOLS)})")
     tools = []
     for t in wanted:
+        if t == "tiatoolbox" and args.folder:
+            print("note: tiatoolbox skipped in --folder mode (its runner takes one slide)")
+            continue
         if t != "histotile" and not anchors.available(t):
             print(f"note: {t} skipped: no virtualenv at {anchors.venv_python(t).parent.parent} "
                   "(bash bench/anchors.sh install)")
@@ -384,10 +418,12 @@ def header_lines(header: dict[str, Any], tools: list[str], mask: Path | None) ->
     dims = "×".join(str(d) for d in header["dimensions"])
     tia = ("TIAToolbox given WSInfer's patch centres as its mask" if mask is not None
            else "TIAToolbox with its own auto mask")
+    what = (f"folder of {header['slides']} slides, each" if header.get("slides", 1) > 1
+            else "slide:")
     lines = [f"- date: {header['date']}; commit `{header['commit']}`",
              f"- machine: {header['machine']}",
              f"- command: `{header['command']}`",
-             f"- slide: {Path(header['slide']).name}, {dims} px, {header['levels']} levels, "
+             f"- {what} {Path(header['slide']).name}, {dims} px, {header['levels']} levels, "
              f"mpp {header['mpp']} ({header['vendor']}); model ResNet-18, 96 px at 0.972 µm/px "
              f"(WSInfer grid {header['wsinfer_effective_mpp']:.5f} µm/px), batch "
              f"{header['batch_size']}"]
@@ -435,6 +471,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="histotile --workers [default: its own]")
     ap.add_argument("--histotile-model", choices=["safetensors", "torchscript"],
                     default="safetensors")
+    ap.add_argument("--histotile-args", default="",
+                    help="extra histotile predict options, e.g. '--min-tissue 0.2' to tile "
+                         "about as many patches as WSInfer")
+    ap.add_argument("--folder", type=int, default=0, metavar="N",
+                    help="a cohort instead of one slide: N copies of --folder-source in one "
+                         "folder (bench/out/.../folderN), each tool run once on the folder")
+    ap.add_argument("--folder-source", type=Path, default=None,
+                    help="the slide copied for --folder [default: CMU-1-Small-Region.svs]")
     ap.add_argument("--wsinfer-workers", type=int, default=1,
                     help="WSInfer loader workers (≥ 1: 0 crashes at its GeoJSON step)")
     ap.add_argument("--tiatoolbox-workers", type=int, default=0)

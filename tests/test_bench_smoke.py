@@ -165,3 +165,25 @@ def test_bench_read_checks_pixels_and_prints_ratios(cmu_small: Path) -> None:
     assert "| histotile auto |" in proc.stdout and "| openslide | " in proc.stdout
     assert bench_read.regions((2220, 2967), 1024, 4) == [(0, 0), (1024, 0), (0, 1024),
                                                          (1024, 1024)]
+
+
+@pytest.mark.slow  # two copies of the sample slide through one histotile process: ~25 s
+def test_run_folder_mode_sums_patches_over_the_cohort(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--folder", "2", "--folder-source", str(source),
+         "--model-dir", str(tmp_path / "model"), "--out", str(out), "--tools", "histotile",
+         "--runs", "1", "--warmup", "0", "--no-model-alone", "--histotile-args",
+         "--min-tissue 0.2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    folder = out / "folder2"
+    assert sorted(p.name for p in folder.iterdir()) == ["slide-01.svs", "slide-02.svs"]
+    assert _sha(folder / "slide-01.svs") == _sha(source)
+    result = json.loads((out / "results.json").read_text())
+    assert result["header"]["slides"] == 2
+    run = result["runs"]["histotile"][0]
+    assert run["slides"] == 2
+    assert "--min-tissue" in result["header"]["command"]
+    assert run["patches"] % 2 == 0 and run["patches"] > 0  # identical copies, summed
+    assert "folder of 2 slides" in (out / "results.md").read_text()
