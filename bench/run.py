@@ -176,6 +176,7 @@ def slide_facts(slide: Path) -> dict[str, Any]:
     slides = sorted(p for p in slide.iterdir() if p.is_file()) if slide.is_dir() else [slide]
     with openslide.OpenSlide(str(slides[0])) as s:
         return {"dimensions": list(s.dimensions), "levels": s.level_count,
+                "slide_name": slides[0].name,
                 "mpp": float(s.properties.get("openslide.mpp-x", "nan")),
                 "vendor": s.properties.get("openslide.vendor"), "slides": len(slides)}
 
@@ -418,12 +419,13 @@ def header_lines(header: dict[str, Any], tools: list[str], mask: Path | None) ->
     dims = "×".join(str(d) for d in header["dimensions"])
     tia = ("TIAToolbox given WSInfer's patch centres as its mask" if mask is not None
            else "TIAToolbox with its own auto mask")
-    what = (f"folder of {header['slides']} slides, each" if header.get("slides", 1) > 1
-            else "slide:")
+    what = (f"folder of {header['slides']} slides ({Path(header['slide']).name}), each:"
+            if header.get("slides", 1) > 1 else "slide:")
     lines = [f"- date: {header['date']}; commit `{header['commit']}`",
              f"- machine: {header['machine']}",
              f"- command: `{header['command']}`",
-             f"- {what} {Path(header['slide']).name}, {dims} px, {header['levels']} levels, "
+             f"- {what} {header.get('slide_name', Path(header['slide']).name)}, {dims} px, "
+             f"{header['levels']} levels, "
              f"mpp {header['mpp']} ({header['vendor']}); model ResNet-18, 96 px at 0.972 µm/px "
              f"(WSInfer grid {header['wsinfer_effective_mpp']:.5f} µm/px), batch "
              f"{header['batch_size']}"]
