@@ -7,7 +7,7 @@ Data path (one slide)::
     rebatch()          variable-size regions -> fixed ``batch_size`` uint8 batches (pinned on CUDA)
     classify()         non-blocking copy, mean/std on the device, channels_last, autocast
                        (bf16/fp16 on CUDA, fp32 on CPU), ``torch.inference_mode``; on CUDA the
-                       next batch is launched before the previous one's probabilities are fetched
+                       next batches are queued before a batch's probabilities are fetched
           │
           ▼  (idx, coords, probs float32)   consumed chunk by chunk by the stitcher/exporters
 
@@ -25,8 +25,9 @@ each with ``cpus // 2`` torch threads (OpenMP/MKL thread counts are per calling 
 each stream sets its own). PyTorch releases the GIL inside its ops, and two single-threaded
 ResNet-18 passes on 2 cores beat one two-threaded pass: 182 vs 149 patches/s (96 px, batch
 64, quiet 2-core machine, BENCHMARKS.md). Grad-CAM / attention hooks keep per-pass state,
-so explained runs use one stream with ``cpus - 1`` threads. On CUDA one stream queues
-batch ``k+1`` before fetching batch ``k``'s probabilities.
+so explained runs use one stream with ``cpus - 1`` threads. On CUDA (``histotile.inflight``)
+batches ``k+1, k+2`` are queued before batch ``k``'s probabilities are fetched: uploads on
+their own stream, non-blocking copies to and from pinned host buffers, an event per batch.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 
 if TYPE_CHECKING:
     from histotile.grid import PatchGrid
+    from histotile.inflight import AsyncDevice
     from histotile.models.loading import LoadedModel
     from histotile.patches import Region
     from histotile.slide import Slide
@@ -313,10 +315,11 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
     """uint8 NHWC batches → ``(idx, probs float32 (b, classes))``, in input order.
 
     ``model`` is a ``LoadedModel`` or a zero-argument callable returning one, called when the
-    first batch is ready (lazy loading). On CUDA batch ``k+1`` is queued before the
-    probabilities of batch ``k`` are copied back. With ``plan.streams > 1`` (CPU, no
-    ``explain``) that many batches are in flight at once, each in its own thread; the caller
-    must keep ``plan.streams`` batches valid (``rebatch(..., buffers=streams + 1)``).
+    first batch is ready (lazy loading). On CUDA up to ``inflight.DEFAULT_DEPTH`` batches are
+    queued (non-blocking copies from and to pinned host buffers, an event per batch) before the
+    oldest one's probabilities are fetched (:mod:`histotile.inflight`). With ``plan.streams > 1``
+    (CPU, no ``explain``) that many batches are in flight at once, each in its own thread. The
+    caller must keep :func:`batches_in_flight` batches valid (``rebatch(..., buffers=that + 1)``).
 
     ``explain``: ``factory(loaded) -> fn(x) -> (maps (b, h, w), probs (b, classes))``, built once
     the model is loaded (e.g. a :class:`histotile.gradcam.GradCAM`); its pass replaces the plain
@@ -325,43 +328,76 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
     if plan is not None and plan.streams > 1 and explain is None and device.type == "cpu":
         yield from _classify_streams(batches, model, device, plan, stats, on_batch)
         return
+    if device.type == "cuda":
+        from histotile.inflight import CudaDevice
+
+        yield from _classify_queued(batches, model, device, CudaDevice(device), amp, stats,
+                                    on_batch, explain)
+        return
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    with _grad_mode(explain):
+        for idx, batch in batches:
+            if forward is None:
+                forward = _forward(model, device, amp, stats, explain)
+            t0 = time.perf_counter()
+            out = [t.detach().float().numpy() for t in forward(batch)]
+            seconds = time.perf_counter() - t0
+            _count(stats, on_batch, len(idx), waited=seconds, busy=seconds)
+            yield (idx, *out)
+
+
+def batches_in_flight(device: torch.device, plan: ComputePlan | None = None,
+                      explain: object | None = None) -> int:
+    """Batches :func:`classify` may still read after asking for the next one: the batch
+    source must keep that many valid (``rebatch(..., buffers=batches_in_flight(...) + 1)``)."""
+    if device.type == "cuda":
+        from histotile.inflight import DEFAULT_DEPTH
+
+        return DEFAULT_DEPTH
+    if plan is not None and explain is None and device.type == "cpu":
+        return plan.streams
+    return 1
+
+
+def _grad_mode(explain: object | None) -> contextlib.AbstractContextManager[Any]:
+    # the explainer differentiates through its layer: its input may not be an inference tensor
+    return torch.inference_mode() if explain is None else torch.no_grad()
+
+
+def _forward(model: ModelSource, device: torch.device, amp: bool, stats: EngineStats | None,
+             explain: Callable[[LoadedModel], Callable[..., Any]] | None,
+             ) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Load the model (lazily, once) → ``fn(uint8 batch) -> (probs,)`` or ``(probs, maps)``."""
     from histotile.models.loading import preprocess
 
-    loaded = None
-    explainer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    pending: tuple[Any, ...] | None = None
-    ctx = autocast_context(device) if amp else contextlib.nullcontext()
-    # the explainer differentiates through its layer: its input may not be an inference tensor
-    with torch.inference_mode() if explain is None else torch.no_grad():
-        for idx, batch in batches:
-            if loaded is None:
-                loaded = _load(model, stats)
-                explainer = explain(loaded) if explain is not None else None
-            t0 = time.perf_counter()
-            x = preprocess(batch, loaded.card, device)
-            with ctx:
-                if explainer is None:
-                    item: tuple[Any, ...] = (idx, torch.softmax(loaded.module(x).float(), dim=1))
-                else:
-                    maps, probs = explainer(x)
-                    item = (idx, probs, maps)
-            if device.type == "cuda":
-                if pending is not None:
-                    yield _finish(pending, stats, t0, on_batch)
-                pending = item
-                continue
-            yield _finish(item, stats, t0, on_batch)
-        if pending is not None:
-            yield _finish(pending, stats, time.perf_counter(), on_batch)
+    loaded = _load(model, stats)
+    explainer = explain(loaded) if explain is not None else None
+
+    def forward(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = preprocess(batch, loaded.card, device)
+        with autocast_context(device) if amp else contextlib.nullcontext():
+            if explainer is None:
+                return (torch.softmax(loaded.module(x).float(), dim=1),)
+            maps, probs = explainer(x)
+            return (probs, maps)
+
+    return forward
 
 
-def _finish(item: tuple[Any, ...], stats: EngineStats | None, t0: float,
-            on_batch: Callable[[int], None] | None) -> tuple[np.ndarray, ...]:
-    idx, *tensors = item
-    out = [t.detach().to("cpu").float().numpy() for t in tensors]
-    seconds = time.perf_counter() - t0
-    _count(stats, on_batch, len(idx), waited=seconds, busy=seconds)
-    return (idx, *out)
+def _classify_queued(batches: Iterable[tuple[np.ndarray, torch.Tensor]], model: ModelSource,
+                     device: torch.device, backend: AsyncDevice, amp: bool = True,
+                     stats: EngineStats | None = None,
+                     on_batch: Callable[[int], None] | None = None,
+                     explain: Callable[[LoadedModel], Callable[..., Any]] | None = None,
+                     depth: int | None = None) -> Iterator[tuple[np.ndarray, ...]]:
+    """:func:`classify` on an asynchronous device (:meth:`histotile.inflight.InFlight.run`)."""
+    from histotile.inflight import DEFAULT_DEPTH, InFlight
+
+    with _grad_mode(explain):
+        for idx, out, seconds in InFlight(backend, depth or DEFAULT_DEPTH).run(
+                batches, lambda: _forward(model, device, amp, stats, explain)):
+            _count(stats, on_batch, len(idx), waited=seconds, busy=seconds)
+            yield (idx, *out)
 
 
 def _count(stats: EngineStats | None, on_batch: Callable[[int], None] | None, n: int,
@@ -458,11 +494,10 @@ def run_inference(slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Reg
         workers = default_workers(device)
     if stats is None:  # the unreadable patches are counted there
         stats = EngineStats()
-    streams = plan.streams if plan is not None and explain is None else 1
     dataset = RegionDataset(slide_spec, grid, regions, stain=stain, reader=reader)
     regions_it = iter_regions(dataset, workers)
     batches = rebatch(regions_it, batch_size, pin=device.type == "cuda", stats=stats,
-                      buffers=streams + 1)
+                      buffers=batches_in_flight(device, plan, explain) + 1)
     coords = np.asarray(grid.coords)
     for idx, *out in classify(batches, model, device, stats=stats, on_batch=on_batch,
                               explain=explain, plan=plan):

@@ -275,7 +275,7 @@ def test_stain_jitter(tissue: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------- devices, bench
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(tissue: np.ndarray) -> None:
     norm = MacenkoNormalizer()
     cpu = norm.normalize(torch.from_numpy(tissue))
