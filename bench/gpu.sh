@@ -6,4 +6,5 @@
 # Builds bench/out/model and the 37,000² benchmark slide when missing (once per machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, not an installed copy
 exec "${PYTHON:-python3}" bench/gpu.py "$@"

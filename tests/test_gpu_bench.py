@@ -86,3 +86,33 @@ def test_gpu_bench_without_a_gpu_refuses_in_one_line(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--smoke" in lines[0]
     assert not (tmp_path / "gpu").exists()
+
+
+def test_gpu_busy_is_the_mean_of_nvidia_smi_samples(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without pynvml the sampler reads ``nvidia-smi -lms 200`` (a stand-in script here)."""
+    import importlib.util
+    import sys
+    import time
+
+    args_file = tmp_path / "args"
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {args_file}\necho 40\necho 80\nexec sleep 30\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # "not installed"
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    with gpu.GpuSampler(3) as busy:
+        deadline = time.monotonic() + 20
+        while len(busy.samples) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert busy.samples == [40.0, 80.0] and busy.mean == 60.0
+    assert args_file.read_text().split() == ["--query-gpu=utilization.gpu",
+                                             "--format=csv,noheader,nounits", "-lms", "200",
+                                             "-i", "3"]
+    with gpu.GpuSampler(None) as none:  # no GPU: no figure
+        pass
+    assert none.mean is None and none.samples == []
