@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import run as bench_run  # noqa: E402 - bench/run.py: measure(), machine(), git_commit()
+import run as bench_run  # noqa: E402 - bench/run.py: measure, make_folder, machine, git_commit
 
 SMOKE_ENV = "HISTOTILE_GPU_BENCH_SMOKE"
 NOT_MEASURED = "—"
@@ -220,16 +220,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path, int]:
     if not slide.is_file():
         print(f"building {slide} ({args.size}² px) ...", flush=True)
         make_benchmark_slide(slide, size=args.size, seed=0)
-    folder = args.out / f"folder{args.folder_slides}"
-    source = source_path()
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(args.folder_slides):
-        copy = folder / f"cmu-{i:02d}{source.suffix}"
-        if not copy.exists():
-            try:
-                os.link(source, copy)
-            except OSError:
-                shutil.copy(source, copy)
+    folder = bench_run.make_folder(args.out, args.folder_slides, source_path())
     return model_root / fmt, slide, folder, args.folder_slides
 
 
@@ -353,11 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     model, slide, folder, n_small = prepare(args)
     with GpuSampler(args.gpu) as probe:
         time.sleep(0.5)
+    dims = "×".join(str(d) for d in bench_run.slide_facts(slide)["dimensions"])
     header = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": bench_run.git_commit(), "machine": machine(args.device),
               "command": "bash bench/gpu.sh " + " ".join(sys.argv[1:] if argv is None else argv),
               "model_format": args.model_format, "batch_size": args.batch_size,
-              "device": args.device, "slide": f"{slide.name} ({args.size}² px)",
+              "device": args.device,
+              "slide": f"{slide.name} ({dims} px)",
               "busy_source": "NVML/nvidia-smi" if probe.samples else "not available"}
     rows: list[tuple[str, dict[str, Any]]] = []
 
