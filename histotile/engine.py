@@ -340,7 +340,7 @@ def classify(batches: Iterable[tuple[np.ndarray, torch.Tensor]],
             if forward is None:
                 forward = _forward(model, device, amp, stats, explain)
             t0 = time.perf_counter()
-            out = [t.detach().float().numpy() for t in forward(batch)]
+            out = [t.detach().cpu().float().numpy() for t in forward(batch)]
             seconds = time.perf_counter() - t0
             _count(stats, on_batch, len(idx), waited=seconds, busy=seconds)
             yield (idx, *out)
