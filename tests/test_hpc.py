@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_slurm_script_contents(tmp_path: Path) -> None:
     run = lines[-1]
     assert run.startswith("histotile predict ")
     assert f"'{os.getcwd()}/slides dir/'" in run and f"{os.getcwd()}/more/*.svs" in run
-    assert f"-o {tmp_path / 'out'}" in run and '--workers "${SLURM_CPUS_PER_TASK:-1}"' in run
+    assert f"-o {tmp_path / 'out'}" in run and "--workers" in run
     assert run.endswith("--model 'my model' --tta")
     assert "--shard" not in text  # the array env vars give the shard
     assert lines.index("module load cuda") < len(lines) - 1
@@ -62,12 +63,26 @@ def test_slurm_script_contents(tmp_path: Path) -> None:
     assert "gpus" not in cpu and "#SBATCH --array=0-0" in cpu and "partition" not in cpu
 
 
+def test_sbatch_gpu_job_leaves_the_main_process_a_core() -> None:
+    """GPU array tasks ran `--workers $SLURM_CPUS_PER_TASK`: as many reader processes as the
+    task's cores, none left for the process that launches batches and writes the outputs."""
+    gpu = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=1, cpus_per_task=8)
+    run = gpu.splitlines()[-1]
+    value = re.search(r'--workers ("[^"]*")', run)
+    assert value is not None, run
+    for cpus, workers in (("8", "7"), ("1", "0"), ("", "0")):
+        env = {"PATH": os.environ["PATH"], **({"SLURM_CPUS_PER_TASK": cpus} if cpus else {})}
+        echoed = subprocess.run(["bash", "-c", "echo " + value.group(1)], env=env,
+                                capture_output=True, text=True, check=True)
+        assert echoed.stdout.strip() == workers, (cpus, echoed.stdout)
+
+
 def test_sbatch_cpu_job_does_not_force_workers() -> None:
     """CPU array tasks ran `--workers $SLURM_CPUS_PER_TASK`, leaving the model one thread."""
     cpu = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=0, cpus_per_task=8)
     assert "--workers" not in cpu and "#SBATCH --cpus-per-task=8" in cpu
     gpu = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=1, cpus_per_task=8)
-    assert '--workers "${SLURM_CPUS_PER_TASK:-1}"' in gpu.splitlines()[-1]
+    assert "--workers" in gpu.splitlines()[-1]
     tile = hpc.slurm_script(["a.svs"], "o", 2, gpus_per_task=0, command="histotile tile",
                             predict_args=["--limit", "5"])
     assert tile.splitlines()[-1].endswith("-o " + os.path.abspath("o") + " --limit 5")

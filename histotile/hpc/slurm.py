@@ -46,9 +46,10 @@ def slurm_script(inputs: Sequence[str], out_dir: str | os.PathLike[str], array_s
                  setup: Sequence[str] = (), extra_directives: Sequence[str] = ()) -> str:
     """An sbatch array script: task ``i`` of ``array_size`` runs ``command`` on shard i.
 
-    Each task runs ``<command> INPUT... -o OUT <predict_args>``, plus ``--workers
-    $SLURM_CPUS_PER_TASK`` on GPU jobs only (reader processes feed the GPU; on a CPU job the
-    task's cores are better left to the model, so the command's own default applies). The
+    Each task runs ``<command> INPUT... -o OUT <predict_args>``, plus ``--workers`` one less
+    than ``$SLURM_CPUS_PER_TASK`` on GPU jobs only (reader processes feed the GPU and the main
+    process keeps a core to launch batches and write outputs; on a CPU job the task's cores are
+    better left to the model, so the command's own default applies). The
     shard needs no flag (the command line reads it from ``SLURM_ARRAY_TASK_*``). Logs go to
     ``OUT/logs/%A_%a.out`` (the folder must exist before submission: ``submit`` creates it).
     ``setup`` lines (``module load ...``, ``source venv/bin/activate``) run first.
@@ -75,7 +76,8 @@ def slurm_script(inputs: Sequence[str], out_dir: str | os.PathLike[str], array_s
         lines.append(f"#SBATCH --mem={mem}")
     lines.append(f"#SBATCH --output={out}/logs/%A_%a.out")
     lines += [f"#SBATCH {d}" for d in extra_directives]
-    workers = ['--workers "${SLURM_CPUS_PER_TASK:-1}"'] if gpus_per_task > 0 else []
+    workers = (['--workers "$(( ${SLURM_CPUS_PER_TASK:-1} > 1 ? ${SLURM_CPUS_PER_TASK:-1} - 1'
+                ' : 0 ))"'] if gpus_per_task > 0 else [])
     lines += [
         "# Written by `histotile slurm script`. Each array task processes the shard",
         "# SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT; finished slides are skipped, so",
