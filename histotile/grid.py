@@ -159,8 +159,17 @@ def _to_level0(level_xy: np.ndarray, ds: float) -> np.ndarray:
 
 def tissue_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray,
                      size_level0: Level0Px) -> np.ndarray:
-    """Fraction of mask pixels set under each level-0 box ``coords + [0, size_level0)``."""
-    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    """Fraction of mask pixels set under each level-0 box ``coords + [0, size_level0)``.
+
+    One integral image of the mask (OpenCV, int32 counts; float64, exact, past 2**31 pixels)
+    and four look-ups per box.
+    """
+    import cv2
+
+    flat = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    depth = cv2.CV_32S if flat.size < 2**31 else cv2.CV_64F
+    integral = cv2.integral(flat, sdepth=depth) if flat.size else np.zeros(
+        (mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
     h, w = mask.shape
     x0 = np.clip(np.floor(coords[:, 0] / downsample).astype(np.int64), 0, w)
     y0 = np.clip(np.floor(coords[:, 1] / downsample).astype(np.int64), 0, h)

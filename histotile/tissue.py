@@ -3,9 +3,14 @@
 ``otsu`` thresholds the HSV saturation (stained tissue is coloured, glass is grey/white) after a
 median blur; ``otsu-gray`` thresholds darkness instead (for unstained or fluorescence-like
 pictures). Thresholds are clamped so a blank slide gives an empty mask rather than noise.
-Memory is a few bytes per mask pixel: the channel is computed in uint8 row blocks, blurred and
-thresholded in uint8 (Otsu on its 256-bin histogram), morphology works on bool and labels
-in uint16.
+The thumbnail comes from the pyramid level closest to (not coarser than) ``MASK_MPP``
+(:meth:`histotile.slide.Slide.read_downsampled`): on a pyramid, never decoded from level 0.
+
+Every step is vectorised in uint8 (OpenCV where it has the operation): the channel through a
+lookup table in row blocks, the median blur, Otsu on the 256-bin histogram, the closing
+(dilate, erode) and the small-component filters (connected components and their sizes);
+memory is a few bytes per mask pixel (labels in uint16 when they fit). The masks are those of
+the earlier scipy/scikit-image steps, pixel for pixel (tests/test_tissue_reference.py).
 
 Before the mask, the thumbnail is classified as brightfield or dark-field
 (:func:`classify_illumination`): fluorescence and other dark-field slides have a dark
@@ -84,15 +89,26 @@ def classify_illumination(rgb: np.ndarray, vendor: str | None = None) -> Illumin
     frame = np.concatenate([gray[:f].ravel(), gray[h - f:].ravel(), gray[:, :f].ravel(),
                             gray[:, w - f:].ravel()]) if f else gray.ravel()
     border = float(np.median(frame)) if frame.size else 255.0
-    bright = float((gray > GLASS_GRAY).mean()) if gray.size else 1.0
-    means = tuple(float(v) for v in rgb.reshape(-1, 3).mean(axis=0)) if rgb.size else (
-        0.0, 0.0, 0.0)
+    bright = np.count_nonzero(gray > GLASS_GRAY) / gray.size if gray.size else 1.0
+    means = _channel_means(rgb)
     rule = (f"dark-field when the outer frame's median grey < {DARK_BORDER:g} and < "
             f"{MIN_GLASS:.0%} of pixels are brighter than {GLASS_GRAY:g}, or the metadata "
             "names a fluorescence channel")
     dark = (border < DARK_BORDER and bright < MIN_GLASS) or vendor is not None
     return Illumination("darkfield" if dark else "brightfield", border, bright,
                         means, vendor, rule)  # type: ignore[arg-type]
+
+
+def _channel_means(rgb: np.ndarray) -> tuple[float, float, float]:
+    """Mean R, G, B of a uint8 picture (exact integer sums; 0 for an empty picture)."""
+    if not rgb.size:
+        return (0.0, 0.0, 0.0)
+    if rgb.dtype == np.uint8:
+        import cv2
+
+        sums = cv2.sumElems(np.ascontiguousarray(rgb))[:3]  # integers: exact below 2**53
+        return tuple(float(v) / (rgb.shape[0] * rgb.shape[1]) for v in sums)  # type: ignore
+    return tuple(float(v) for v in rgb.reshape(-1, 3).mean(axis=0))  # type: ignore
 
 
 def require_brightfield(tissue: TissueMask, subject: str, hint: str) -> None:
@@ -127,50 +143,93 @@ class TissueMask:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
 
-def _channel_u8(rgb: np.ndarray, method: str, rows: int = 256) -> np.ndarray:
-    """The thresholded channel as uint8, computed in blocks of ``rows`` (bounded temporaries).
-
-    ``otsu``: HSV saturation ``(max - min) / max`` scaled to 0..255; ``otsu-gray``: the mean
-    of R, G, B. Both rounded to the nearest integer.
-    """
-    out = np.empty(rgb.shape[:2], np.uint8)
-    for y in range(0, rgb.shape[0], rows):
-        block = rgb[y:y + rows]
+def _lut(method: str) -> np.ndarray:
+    """The channel's lookup table: indexed by ``max << 8 | min`` (``otsu``, HSV saturation
+    ``(max - min) / max`` scaled to 0..255) or by ``R + G + B`` (``otsu-gray``, their mean),
+    rounded to the nearest integer as float32 arithmetic rounds it."""
+    table = _LUTS.get(method)
+    if table is None:
         if method == "otsu":
-            hi, lo = block.max(axis=2), block.min(axis=2)
-            value = (hi - lo).astype(np.float32) * np.float32(255.0)
+            hi, lo = np.divmod(np.arange(1 << 16, dtype=np.int64), 256)
+            value = np.where(lo <= hi, hi - lo, 0).astype(np.float32) * np.float32(255.0)
             value /= np.maximum(hi, 1).astype(np.float32)
         else:
-            value = block.sum(axis=2, dtype=np.uint16).astype(np.float32) / np.float32(3.0)
-        np.rint(value, out=value)
-        out[y:y + rows] = value
+            value = np.arange(3 * 255 + 1).astype(np.float32) / np.float32(3.0)
+        table = _LUTS[method] = np.rint(value).astype(np.uint8)
+    return table
+
+
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def _channel_u8(rgb: np.ndarray, method: str, rows: int = 256) -> np.ndarray:
+    """The thresholded channel as uint8 (see :func:`_lut`), in blocks of ``rows`` (bounded
+    temporaries): ``otsu`` saturation, else (``otsu-gray``, ``otsu-bright``) the mean of R, G, B."""
+    table = _lut("otsu" if method == "otsu" else "otsu-gray")
+    out = np.empty(rgb.shape[:2], np.uint8)
+    for y in range(0, rgb.shape[0], rows):
+        r, g, b = (rgb[y:y + rows, :, c] for c in range(3))
+        if method == "otsu":
+            index = np.maximum(np.maximum(r, g), b).astype(np.uint16)
+            index <<= 8
+            index |= np.minimum(np.minimum(r, g), b)
+        else:
+            index = np.add(r, g, dtype=np.uint16)
+            index += b
+        np.take(table, index, out=out[y:y + rows])
     return out
 
 
 def _median(channel: np.ndarray, size: int) -> np.ndarray:
+    """``size`` x ``size`` median, edges repeated (OpenCV for odd sizes, else scipy)."""
+    if size <= 1:
+        return channel
+    if size % 2:
+        import cv2
+
+        return cv2.medianBlur(np.ascontiguousarray(channel), size)
     from scipy.ndimage import median_filter
 
-    return median_filter(channel, size=size, mode="nearest") if size > 1 else channel
+    return median_filter(channel, size=size, mode="nearest")
+
+
+def _histogram_u8(values: np.ndarray) -> np.ndarray:
+    """256-bin int64 histogram of a uint8 picture (OpenCV's float32 counts are exact below
+    2**24 pixels; past that bincount, which casts to int64: in chunks)."""
+    if values.size < 1 << 24:
+        import cv2
+
+        hist = cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256])
+        return hist.ravel().astype(np.int64)
+    flat = values.ravel()
+    counts = np.zeros(256, np.int64)
+    for start in range(0, flat.size, 1 << 20):
+        counts += np.bincount(flat[start:start + (1 << 20)], minlength=256)
+    return counts
 
 
 def _otsu_u8(values: np.ndarray) -> float:
     """Otsu threshold of a uint8 picture from its 256-bin histogram (no float copy of it).
 
     Half-way between the classes (``upper bin + 0.5``); a constant picture gives its value.
+    The arithmetic is scikit-image's ``threshold_otsu(hist=...)`` (same threshold), on the
+    occupied bin range.
     """
-    from skimage.filters import threshold_otsu
-
-    flat = values.ravel()
-    counts = np.zeros(256, np.int64)
-    for start in range(0, flat.size, 1 << 18):  # bincount casts to int64: do it in chunks
-        counts += np.bincount(flat[start:start + (1 << 18)], minlength=256)
+    counts = _histogram_u8(values)
     present = np.flatnonzero(counts)
     if present.size == 0:
         return 0.0
     lo, hi = int(present[0]), int(present[-1])
     if lo == hi:
         return float(hi)
-    return float(threshold_otsu(hist=(counts[lo:hi + 1], np.arange(lo, hi + 1)))) + 0.5
+    hist = counts[lo:hi + 1].astype(np.float64)
+    centers = np.arange(lo, hi + 1)
+    weight1 = np.cumsum(hist)
+    weight2 = np.cumsum(hist[::-1])[::-1]
+    mean1 = np.cumsum(hist * centers) / weight1
+    mean2 = (np.cumsum((hist * centers)[::-1]) / weight2[::-1])[::-1]
+    variance12 = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return float(centers[int(np.argmax(variance12))]) + 0.5
 
 
 def _threshold(rgb: np.ndarray, method: str, median_size: int) -> tuple[np.ndarray, float]:
@@ -195,63 +254,97 @@ def tissue_mask_rgb(rgb: np.ndarray, mpp: float | None = None, method: str = "ot
     return _mask(rgb, mpp, method, median_size, closing_um, min_object_um2, min_hole_um2)[0]
 
 
-def _mask(rgb: np.ndarray, mpp: float | None, method: str, median_size: int, closing_um: float,
-          min_object_um2: float, min_hole_um2: float) -> tuple[np.ndarray, float]:
-    from skimage import morphology
+def morphology_sizes(mpp: float | None, closing_um: float = CLOSING_UM,
+                     min_object_um2: float = MIN_OBJECT_UM2,
+                     min_hole_um2: float = MIN_HOLE_UM2) -> tuple[int, int, int]:
+    """(closing radius, largest object dropped, largest hole filled) in mask pixels."""
+    if mpp:
+        return (int(round(closing_um / mpp)), int(round(min_object_um2 / mpp**2)),
+                int(round(min_hole_um2 / mpp**2)))
+    return _DEFAULT_PX["closing"], _DEFAULT_PX["object"], _DEFAULT_PX["hole"]
 
+
+def threshold_rgb(rgb: np.ndarray, method: str, median_size: int = 5
+                  ) -> tuple[np.ndarray, float]:
+    """The thresholded mask of an RGB picture before morphology, and its threshold."""
     if method not in _ALL_METHODS:
         raise InvalidArgumentError(f"unknown tissue method {method!r}",
                                    f"use one of {', '.join(METHODS)}")
     rgb = np.asarray(rgb)[..., :3]
     if rgb.dtype != np.uint8:
         rgb = rgb.astype(np.uint8)
-    mask, thr = _threshold(rgb, method, median_size)
-    if mpp:
-        radius = int(round(closing_um / mpp))
-        min_obj = int(round(min_object_um2 / mpp**2))
-        min_hole = int(round(min_hole_um2 / mpp**2))
-    else:
-        radius, min_obj, min_hole = (_DEFAULT_PX[k] for k in ("closing", "object", "hole"))
-    if radius > 0:
-        from scipy.ndimage import binary_closing
+    return _threshold(rgb, method, median_size)
 
-        padded = np.pad(mask, radius, mode="edge")
-        del mask
-        closed = binary_closing(padded, morphology.disk(radius).astype(bool))
-        del padded
-        mask = closed[radius:-radius, radius:-radius].copy()
-        del closed
+
+def clean_mask(mask: np.ndarray, radius: int, min_obj: int, min_hole: int) -> np.ndarray:
+    """Closing with a disk of ``radius`` (edges repeated), then objects of at most ``min_obj``
+    pixels dropped and holes of at most ``min_hole`` pixels filled (8-connected); in place
+    where it can (``mask`` bool)."""
+    if radius > 0:
+        mask = _closing(mask, radius)
     mask = _drop_small(mask, min_obj)
-    np.invert(mask, out=mask)
+    np.logical_not(mask, out=mask)
     mask = _drop_small(mask, min_hole)  # holes are the small components of the background
-    return np.invert(mask, out=mask), float(thr)
+    return np.logical_not(mask, out=mask)
+
+
+def _mask(rgb: np.ndarray, mpp: float | None, method: str, median_size: int, closing_um: float,
+          min_object_um2: float, min_hole_um2: float) -> tuple[np.ndarray, float]:
+    mask, thr = threshold_rgb(rgb, method, median_size)
+    sizes = morphology_sizes(mpp, closing_um, min_object_um2, min_hole_um2)
+    return clean_mask(mask, *sizes), float(thr)
+
+
+def _disk(radius: int) -> np.ndarray:
+    """uint8 disk ``x^2 + y^2 <= radius^2`` (scikit-image's ``morphology.disk``)."""
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return (xx * xx + yy * yy <= radius * radius).astype(np.uint8)
+
+
+def _closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary closing by a disk on the mask padded by its edge pixels (so the slide's border
+    does not erode tissue that touches it)."""
+    import cv2
+
+    kernel = _disk(radius)
+    padded = cv2.copyMakeBorder(mask.view(np.uint8), radius, radius, radius, radius,
+                                cv2.BORDER_REPLICATE)
+    # beyond the padded picture is background for both steps (as scipy's binary_closing)
+    closed = cv2.dilate(padded, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    closed = cv2.erode(closed, kernel, dst=padded, borderType=cv2.BORDER_CONSTANT,
+                       borderValue=0)
+    return closed[radius:-radius, radius:-radius].astype(bool)
 
 
 def _drop_small(mask: np.ndarray, max_size: int) -> np.ndarray:
     """``mask`` without 8-connected components of at most ``max_size`` pixels."""
     if max_size < 1 or not mask.any():
         return mask
-    labels, count = _label(mask)
-    sizes = np.zeros(count + 1, np.int64)
-    flat = labels.ravel()
-    for start in range(0, flat.size, 1 << 18):  # bincount casts to int64: do it in chunks
-        sizes += np.bincount(flat[start:start + (1 << 18)], minlength=count + 1)
+    labels, sizes = _components(mask.view(np.uint8))
     keep = sizes > max_size
-    keep[0] = False
-    return keep[labels]
+    keep[0] = False  # the background
+    if keep[1:].all():
+        return mask
+    return np.take(keep, labels)
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected labels, in uint16 (2 bytes/px) unless there are more than 65535 components."""
-    from scipy.ndimage import label
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected labels of a 0/1 uint8 picture (uint16 unless there are more than 65534
+    components, then int32) and the size of each label (int64, label 0 the background)."""
+    import cv2
 
-    structure = np.ones((3, 3), bool)
     try:
-        labels = np.empty(mask.shape, np.uint16)
-        return labels, int(label(mask, structure, output=labels))
-    except RuntimeError:  # too many components for uint16
-        labels = np.empty(mask.shape, np.int32)
-        return labels, int(label(mask, structure, output=labels))
+        count, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_16U)
+    except cv2.error:  # too many components for uint16
+        count, labels = cv2.connectedComponents(mask, connectivity=8, ltype=cv2.CV_32S)
+    if labels.dtype == np.uint16 and labels.size < 1 << 24:  # float32 counts: exact
+        hist = cv2.calcHist([labels], [0], None, [count], [0, count])
+        return labels, hist.ravel().astype(np.int64)
+    sizes = np.zeros(count, np.int64)
+    flat = labels.ravel()
+    for start in range(0, flat.size, 1 << 20):  # bincount casts to int64: do it in chunks
+        sizes += np.bincount(flat[start:start + (1 << 20)], minlength=count)
+    return labels, sizes
 
 
 def read_mask_thumbnail(slide: Slide, mask_mpp: float,
