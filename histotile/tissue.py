@@ -83,6 +83,8 @@ def classify_illumination(rgb: np.ndarray, vendor: str | None = None) -> Illumin
     glass; one fully covered by tissue has a bright, coloured frame.
     """
     rgb = np.asarray(rgb)[..., :3]
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.uint8)
     h, w = rgb.shape[:2]
     gray = _channel_u8(rgb, "otsu-gray") if rgb.size else np.zeros((0, 0), np.uint8)
     f = max(1, int(round(FRAME * min(h, w)))) if h and w else 0
@@ -212,8 +214,9 @@ def _otsu_u8(values: np.ndarray) -> float:
     """Otsu threshold of a uint8 picture from its 256-bin histogram (no float copy of it).
 
     Half-way between the classes (``upper bin + 0.5``); a constant picture gives its value.
-    The arithmetic is scikit-image's ``threshold_otsu(hist=...)`` (same threshold), on the
-    occupied bin range.
+    The arithmetic is scikit-image's ``threshold_otsu(hist=...)`` (same threshold, checked in
+    tests/test_tissue_reference.py), on the occupied bin range: importing
+    ``skimage.filters`` pulls in ``scipy.ndimage``, which costs more than the whole detection.
     """
     counts = _histogram_u8(values)
     present = np.flatnonzero(counts)
