@@ -154,7 +154,7 @@ def slides(cmu_small, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("key", list(REFERENCE), ids=["-".join(k) for k in REFERENCE])
-def test_tissue_mask_and_grid_match_the_old_implementation(slides, key):
+def test_issue19_tissue_mask_and_grid_match_the_old_implementation(slides, key):
     ref = REFERENCE[key]
     with open_slide(slides[key[0]]) as slide:
         found = detect_tissue(slide, method=key[1])
@@ -186,7 +186,7 @@ def test_tissue_reference_tolerance_is_not_vacuous():
         assert float((a == other).mean()) < AGREEMENT
 
 
-def test_mask_thumbnail_is_read_from_the_pyramid_level_not_level0(slides, monkeypatch):
+def test_issue19_mask_thumbnail_is_read_from_the_pyramid_level_not_level0(slides, monkeypatch):
     """On a pyramid the thumbnail comes from the coarsest level not coarser than the mask
     resolution (here level 2, ~4x at 0.5 um/px for 8 um/px), never from level 0."""
     levels: list[int] = []
