@@ -401,8 +401,9 @@ class Slide:
         """The whole slide reduced by about ``downsample`` (level-0 px per output px).
 
         Reads the coarsest level not coarser than asked, block by block, and averages
-        ``f x f`` areas (``f`` integer), so memory stays bounded by ``block``. Returns the
-        image and its exact downsample. Edge pixels average in white beyond the slide.
+        ``f x f`` areas (``f`` integer), so memory stays bounded by ``block``; blocks start on
+        the file's tiles where that fits (each tile decoded once). Returns the image and its
+        exact downsample. Edge pixels average in white beyond the slide.
 
         ``unreadable``: a block that cannot be decoded is read again tile by tile; pieces that
         still fail are white and their level-0 boxes (x, y, w, h) are appended to this list
@@ -414,7 +415,7 @@ class Slide:
         ds = dss[level]
         f = max(1, int(math.floor(downsample / ds + 1e-6)))
         lw, lh = self.level_dimensions[level]
-        step = max(f, (block // f) * f)
+        step = _block_step(block, f, self.tile_size(level))
         ow, oh = math.ceil(lw / f), math.ceil(lh / f)
         out = np.empty((oh, ow, 3), np.uint8)
         for y in range(0, lh, step):
@@ -480,6 +481,16 @@ class Slide:
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend!r}, dims={self.dimensions}, "
                 f"mpp={self.mpp}, mpp_source={self.mpp_source!r})")
+
+
+def _block_step(block: int, f: int, tile: int) -> int:
+    """Side of the blocks ``read_downsampled`` reads: a multiple of ``f`` (whole output
+    pixels) of at most ``block`` (or ``f``), and of the file's ``tile`` when a multiple of both
+    fits in ``block`` (no tile decoded twice)."""
+    unit = f * tile // math.gcd(f, tile)
+    if unit <= block:
+        return (block // unit) * unit
+    return max(f, (block // f) * f)
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

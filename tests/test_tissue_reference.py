@@ -314,3 +314,24 @@ def test_tissue_fractions_equal_a_per_box_loop(downsample):
                   for v, n in ((x, w), (y, h)))
         box = mask[y0:y1, x0:x1]
         assert value == pytest.approx(box.mean() if box.size else 0.0, abs=1e-6)
+
+
+def test_thumbnail_blocks_start_on_tiles_so_no_tile_is_decoded_twice(cmu_small, monkeypatch):
+    """CMU-1-Small-Region.svs has 240 px tiles and one level: the 8 um/px thumbnail averages
+    16 x 16 areas of level 0, read in blocks that start on tile corners (960 px, not 1024)."""
+    boxes: list[tuple[int, int, int, int]] = []
+    original = Slide.read_region
+
+    def spy(self, location, level, size):
+        boxes.append((int(location[0]), int(location[1]), int(size[0]), int(size[1])))
+        return original(self, location, level, size)
+
+    monkeypatch.setattr(Slide, "read_region", spy)
+    with open_slide(cmu_small) as slide:
+        tile = slide.tile_size(0)
+        thumb, ds, _ = read_mask_thumbnail(slide, tissue_mod.MASK_MPP, [])
+    assert tile == 240 and ds == 16.0 and thumb.shape[:2] == (186, 139)
+    assert boxes and all(x % tile == 0 and y % tile == 0 for x, y, _, _ in boxes)
+    assert max(w for _, _, w, _ in boxes) == 960
+    covered = sum(w * h for _, _, w, h in boxes)
+    assert covered == 139 * 16 * 186 * 16  # every level-0 pixel read once (edges padded)
