@@ -54,19 +54,40 @@ def _dejavu(bold: bool) -> Path | None:
 
 def outline(mask: np.ndarray, width: int = 1, min_fraction: float = 0.0) -> np.ndarray:
     """Inner boundary pixels of ``mask``, ``width`` px thick. ``min_fraction`` > 0 fills holes and
-    drops specks under that share of the picture first, so the outline stays readable."""
-    from scipy import ndimage
+    drops specks under that share of the picture first, so the outline stays readable.
 
-    mask = np.asarray(mask, bool)
+    4-connected pieces and holes, a 3 x 3 cross erosion with nothing beyond the edge (what
+    ``scipy.ndimage`` does by default), in OpenCV: importing ``scipy.ndimage`` costs ~1 s."""
+    import cv2
+
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.size == 0:
+        return mask.copy()
     if min_fraction > 0:
-        mask = ndimage.binary_fill_holes(mask)
-        lab, n = ndimage.label(mask)
-        if n:
-            sizes = np.bincount(lab.ravel())
-            keep = sizes >= max(1, min_fraction * mask.size)
+        mask = _fill_holes(mask)
+        count, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=4,
+                                                ltype=cv2.CV_32S)
+        if count > 1:
+            keep = np.bincount(labels.ravel(), minlength=count) >= max(1, min_fraction *
+                                                                      mask.size)
             keep[0] = False
-            mask = keep[lab]
-    return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width), border_value=0)
+            mask = keep[labels]
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    inner = cv2.erode(mask.view(np.uint8), cross, iterations=max(1, width),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return mask & ~inner.view(bool)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with the 4-connected pieces of background that do not touch the edge filled."""
+    import cv2
+
+    count, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4,
+                                            ltype=cv2.CV_32S)
+    hole = np.ones(count, bool)
+    hole[0] = False  # the mask itself
+    hole[labels[0]] = hole[labels[-1]] = hole[labels[:, 0]] = hole[labels[:, -1]] = False
+    return mask | hole[labels]
 
 
 def nice_length(max_um: float) -> tuple[float, str]:
