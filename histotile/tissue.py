@@ -142,7 +142,7 @@ class TissueMask:
     @property
     def fraction(self) -> float:
         """Share of the thumbnail covered by tissue."""
-        return float(self.mask.mean()) if self.mask.size else 0.0
+        return np.count_nonzero(self.mask) / self.mask.size if self.mask.size else 0.0
 
 
 def _lut(method: str) -> np.ndarray:
