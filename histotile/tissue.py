@@ -98,7 +98,7 @@ def classify_illumination(rgb: np.ndarray, vendor: str | None = None) -> Illumin
             "names a fluorescence channel")
     dark = (border < DARK_BORDER and bright < MIN_GLASS) or vendor is not None
     return Illumination("darkfield" if dark else "brightfield", border, bright,
-                        means, vendor, rule)  # type: ignore[arg-type]
+                        means, vendor, rule)
 
 
 def _channel_means(rgb: np.ndarray) -> tuple[float, float, float]:
@@ -108,9 +108,11 @@ def _channel_means(rgb: np.ndarray) -> tuple[float, float, float]:
     if rgb.dtype == np.uint8:
         import cv2
 
-        sums = cv2.sumElems(np.ascontiguousarray(rgb))[:3]  # integers: exact below 2**53
-        return tuple(float(v) / (rgb.shape[0] * rgb.shape[1]) for v in sums)  # type: ignore
-    return tuple(float(v) for v in rgb.reshape(-1, 3).mean(axis=0))  # type: ignore
+        sums = cv2.sumElems(np.ascontiguousarray(rgb))  # integers: exact below 2**53
+        n = rgb.shape[0] * rgb.shape[1]
+        return float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n
+    r, g, b = (float(v) for v in rgb.reshape(-1, 3).mean(axis=0))
+    return r, g, b
 
 
 def require_brightfield(tissue: TissueMask, subject: str, hint: str) -> None:
