@@ -58,6 +58,7 @@ def predict_archive(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str,
                 for idx, probs in classify(batches, ctx.model, ctx.model.device,
                                            stats=stats, plan=ctx.compute,
                                            on_batch=bar.update if bar is not None else None):
+                    timer.first_batch()
                     with timer("export"):
                         pred[idx] = probs.argmax(axis=1)
                         confidence.add(idx, probs)

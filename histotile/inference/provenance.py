@@ -21,11 +21,55 @@ if TYPE_CHECKING:
     from histotile.inference.context import PredictContext
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (the interpreter's own start, before any import), or
+    ``None`` where that cannot be read.
+
+    On Linux from ``/proc``: the process's start in clock ticks since boot
+    (``/proc/self/stat`` field 22) against the time since boot (``/proc/uptime``), both on the
+    same clock, to 10 ms. Elsewhere ``psutil.Process().create_time()`` when psutil is installed.
+    """
+    try:
+        with open("/proc/self/stat") as fh:
+            stat = fh.read()
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        # the command name (field 2) may hold spaces and parentheses: split after its last ")"
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except psutil.Error:
+        return None
+
+
+_FIRST_BATCH_SEEN: list[bool] = []  # per process: set by the first StageTimer.first_batch()
+
+
 class StageTimer:
-    """Seconds per named stage (``with timer("tissue"): ...``)."""
+    """Seconds per named stage (``with timer("tissue"): ...``).
+
+    :meth:`first_batch` records ``first_batch_s``: seconds from the start of the process to the
+    first batch of probabilities, on the process's first item only (later items of the same
+    process do not pay the start-up again, so they carry no such field).
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.first_batch_s: float | None = None
+
+    def first_batch(self) -> None:
+        """Call each time a batch's probabilities are ready; only the process's first counts."""
+        if _FIRST_BATCH_SEEN:
+            return
+        _FIRST_BATCH_SEEN.append(True)
+        self.first_batch_s = process_age()
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -39,7 +83,10 @@ class StageTimer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def rounded(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        if self.first_batch_s is not None:
+            out["first_batch_s"] = round(self.first_batch_s, 3)
+        return out
 
 
 def progress_bar(total: int, enabled: bool, name: str) -> Any:

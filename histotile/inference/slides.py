@@ -191,6 +191,7 @@ def _run_slide(slide: Slide, grid: PatchGrid, regions: list[Region], tissue: Tis
                 batch_size=ctx.options.batch_size, workers=ctx.options.workers, stain=stain,
                 stats=stats, on_batch=bar.update if bar is not None else None,
                 explain=explain, plan=ctx.compute):
+            timer.first_batch()
             labels[idx] = probs.argmax(axis=1)
             confidence.add(idx, probs)
             extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and ctx.options.gradcam

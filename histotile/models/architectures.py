@@ -32,8 +32,8 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("smallcnn", cnn.smallcnn, "features.2", "3 conv blocks, ~0.29 M parameters"),
-    Architecture("resnet18", cnn.resnet18, "layer4", "torchvision ResNet-18"),
-    Architecture("resnet50", cnn.resnet50, "layer4", "torchvision ResNet-50"),
+    Architecture("resnet18", cnn.resnet18, "layer4", "ResNet-18 (torchvision layout)"),
+    Architecture("resnet50", cnn.resnet50, "layer4", "ResNet-50 (torchvision layout)"),
     Architecture("resnet50-attention", cbam.resnet50_attention, "cbam4", "ResNet-50 + CBAM"),
     Architecture("efficientnet-b0", efficientnet.efficientnet_b0, "features.8",
                  "torchvision EfficientNet-B0"),

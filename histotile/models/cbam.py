@@ -2,7 +2,8 @@
 
 CBAM (Woo et al. 2018): channel attention (a shared MLP, reduction 16, over the average- and
 max-pooled features, sigmoid) followed by spatial attention (a 7×7 conv over the channel mean and
-max, sigmoid), applied to the output of each of torchvision ResNet-50's four stages. The ResNet's
+max, sigmoid), applied to the output of each of ResNet-50's four stages (the ResNet of
+:mod:`histotile.models.resnet`, torchvision's layout, without importing torchvision). The ResNet's
 own parameter names are kept (``conv1``, ``layer1``…, ``fc``), so ImageNet weights load into
 it unchanged; the CBAM modules (``cbam1``…``cbam4``) start as fresh parameters. Inputs ≤ 64 px
 get the same 3×3 stride-1 stem without max-pool as the plain ``resnet50``.
@@ -19,7 +20,10 @@ if TYPE_CHECKING:
 def _build(num_classes: int, small_input: bool, reduction: int) -> nn.Module:
     import torch
     from torch import nn
-    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from histotile.models.resnet import classes
+
+    ResNet, Bottleneck = classes()["ResNet"], classes()["Bottleneck"]
 
     class ChannelAttention(nn.Module):
         def __init__(self, channels: int) -> None:
@@ -52,7 +56,7 @@ def _build(num_classes: int, small_input: bool, reduction: int) -> nn.Module:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.spatial(self.channel(x))
 
-    class ResNetAttention(ResNet):
+    class ResNetAttention(ResNet):  # type: ignore[misc,valid-type]
         def __init__(self) -> None:
             super().__init__(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
             if small_input:
@@ -74,6 +78,6 @@ def _build(num_classes: int, small_input: bool, reduction: int) -> nn.Module:
 
 def resnet50_attention(num_classes: int, patch_size: int, small_input: bool | None = None,
                        reduction: int = 16) -> nn.Module:
-    """torchvision ResNet-50 + CBAM after each stage (~28 M parameters)."""
+    """ResNet-50 (torchvision's layout) + CBAM after each stage (~28 M parameters)."""
     return _build(num_classes, patch_size <= 64 if small_input is None else small_input,
                   reduction)

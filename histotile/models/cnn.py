@@ -1,5 +1,6 @@
-"""Convolutional builders: the small CNN and torchvision ResNets (registered in
-:mod:`histotile.models.architectures`)."""
+"""Convolutional builders: the small CNN and the ResNets (registered in
+:mod:`histotile.models.architectures`). The ResNets are :mod:`histotile.models.resnet`'s, with
+torchvision's module names and state-dict keys, built without importing torchvision."""
 
 from __future__ import annotations
 
@@ -49,11 +50,12 @@ def smallcnn(num_classes: int, patch_size: int, width: int = 32, dropout: float 
 
 # --------------------------------------------------------------------------- resnets
 def _resnet(depth: int, num_classes: int, patch_size: int, small_input: bool | None) -> nn.Module:
-    """torchvision ResNet; for inputs ≤ 64 px a 3×3 stride-1 stem without max-pool."""
-    import torchvision
+    """ResNet (torchvision's layout); for inputs ≤ 64 px a 3×3 stride-1 stem without max-pool."""
     from torch import nn
 
-    model = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
+    from histotile.models.resnet import resnet
+
+    model = resnet(depth, num_classes)
     if small_input is None:
         small_input = patch_size <= 64
     if small_input:

@@ -258,10 +258,14 @@ def _load_safetensors(card: ModelCard, path: Path, device: torch.device) -> nn.M
 
 
 def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
+    import warnings
+
     import torch
 
     try:
-        return torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # torch >= 2.14 calls jit.load deprecated on every load;
+            warnings.filterwarnings("ignore", ".*torch.jit.load.*", FutureWarning)  # not ours
+            return torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ModelError(f"not a readable TorchScript file ({' '.join(str(exc).split())[:200]})",
                          "the weights file is corrupt or in another format",
