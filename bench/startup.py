@@ -2,11 +2,12 @@
 
 For each model, ``N`` runs of ``python -m histotile -q predict SLIDE --model MODEL`` (each in a
 new process, into a new output folder), then one more under ``python -X importtime``. Prints per
-model: the median (min–max) wall time of the whole command, the median ``first_batch_s`` from
-``run.json`` (seconds from the process's own start to the first batch of probabilities), which
-heavy packages the process imported, and the packages whose imports cost most (self time summed
-per top-level package; ``-X importtime`` inflates every figure, so read them as shares). Also the
-wall time of ``histotile --help``.
+model: the median (min–max) wall time and CPU time of the whole command, the median
+``first_batch_s`` and ``first_batch_cpu_s`` from ``run.json`` (seconds from the process's own
+start to the first batch of probabilities; CPU seconds until then, the steadier figure on a
+shared machine), which heavy packages the process imported, and the packages whose imports cost
+most (self time summed per top-level package; ``-X importtime`` inflates every figure, so read
+them as shares). Also the wall time of ``histotile --help``.
 
     python bench/startup.py                        # bundled model, sample slide, 5 runs
     python bench/startup.py -n 3 --model pathmnist-smallcnn --model PATH/TO/MODEL_FOLDER
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -76,16 +78,22 @@ def importtime_top(stderr: str, top: int) -> list[tuple[str, float]]:
     return sorted(per_pkg.items(), key=lambda kv: -kv[1])[:top]
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_once(slide: Path, model: str, out: Path, extra: list[str]) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(_predict_cmd(slide, model, out, extra), capture_output=True,
                           text=True, env=_env(), check=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"predict failed (rc {proc.returncode}): {proc.stderr[-800:]}")
     runs = sorted(out.glob("*/run.json"))
     timings = json.loads(runs[0].read_text())["timings"] if runs else {}
-    return {"wall_s": wall, "first_batch_s": timings.get("first_batch_s"), "timings": timings}
+    return {"wall_s": wall, "cpu_s": cpu, "first_batch_s": timings.get("first_batch_s"),
+            "first_batch_cpu_s": timings.get("first_batch_cpu_s"), "timings": timings}
 
 
 def bench_model(slide: Path, model: str, n: int, top: int, extra: list[str],
@@ -93,6 +101,7 @@ def bench_model(slide: Path, model: str, n: int, top: int, extra: list[str],
     runs = [run_once(slide, model, scratch / f"run{i}", extra) for i in range(n)]
     walls = [r["wall_s"] for r in runs]
     firsts = [r["first_batch_s"] for r in runs if r["first_batch_s"] is not None]
+    first_cpu = [r["first_batch_cpu_s"] for r in runs if r["first_batch_cpu_s"] is not None]
     proc = subprocess.run([sys.executable, "-X", "importtime",
                            *_predict_cmd(slide, model, scratch / "importtime", extra)[1:]],
                           capture_output=True, text=True, env=_env(), check=False)
@@ -102,6 +111,8 @@ def bench_model(slide: Path, model: str, n: int, top: int, extra: list[str],
         "wall_min_s": round(min(walls), 3), "wall_max_s": round(max(walls), 3),
         "first_batch_median_s": round(statistics.median(firsts), 3) if firsts else None,
         "first_batch_min_s": round(min(firsts), 3) if firsts else None,
+        "first_batch_cpu_median_s": round(statistics.median(first_cpu), 3) if first_cpu else None,
+        "cpu_median_s": round(statistics.median(r["cpu_s"] for r in runs), 3),
         "heavy_modules": _modules_probe(slide, model, scratch / "probe", extra),
         "importtime_top_s": [(name, round(s, 3)) for name, s in
                              importtime_top(proc.stderr, top)],
@@ -142,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nmodel {model}: {r['runs']} fresh processes")
             print(f"  wall        median {r['wall_median_s']:.2f} s "
                   f"(min {r['wall_min_s']:.2f}, max {r['wall_max_s']:.2f})")
+            print(f"  CPU         median {r['cpu_median_s']:.2f} s (user + sys, whole process)")
             if r["first_batch_median_s"] is not None:
                 print(f"  first batch median {r['first_batch_median_s']:.2f} s "
-                      f"(min {r['first_batch_min_s']:.2f}) from process start")
+                      f"(min {r['first_batch_min_s']:.2f}) from process start, "
+                      f"{r['first_batch_cpu_median_s']:.2f} CPU s")
             print(f"  stages      {r['last_run_timings']}")
             print(f"  heavy modules imported: {', '.join(r['heavy_modules']) or 'none'}")
             print("  -X importtime, self time per package (inflated; shares):")

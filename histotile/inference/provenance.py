@@ -56,13 +56,16 @@ class StageTimer:
     """Seconds per named stage (``with timer("tissue"): ...``).
 
     :meth:`first_batch` records ``first_batch_s``: seconds from the start of the process to the
-    first batch of probabilities, on the process's first item only (later items of the same
-    process do not pay the start-up again, so they carry no such field).
+    first batch of probabilities, and ``first_batch_cpu_s``: the CPU seconds the process spent
+    until then (all its threads; on a shared machine the steadier figure), on the process's
+    first item only (later items of the same process do not pay the start-up again, so they
+    carry neither field).
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.first_batch_s: float | None = None
+        self.first_batch_cpu_s: float | None = None
 
     def first_batch(self) -> None:
         """Call each time a batch's probabilities are ready; only the process's first counts."""
@@ -70,6 +73,8 @@ class StageTimer:
             return
         _FIRST_BATCH_SEEN.append(True)
         self.first_batch_s = process_age()
+        if self.first_batch_s is not None:
+            self.first_batch_cpu_s = time.process_time()
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -86,6 +91,8 @@ class StageTimer:
         out = {k: round(v, 3) for k, v in self.seconds.items()}
         if self.first_batch_s is not None:
             out["first_batch_s"] = round(self.first_batch_s, 3)
+        if self.first_batch_cpu_s is not None:
+            out["first_batch_cpu_s"] = round(self.first_batch_cpu_s, 3)
         return out
 
 
