@@ -13,7 +13,8 @@ them as shares). Also the wall time of ``histotile --help``.
     python bench/startup.py -n 3 --model pathmnist-smallcnn --model PATH/TO/MODEL_FOLDER
     python bench/startup.py --json out.json        # the figures as JSON too
 
-Runs the histotile of this checkout (its root goes first on ``PYTHONPATH``).
+Runs the histotile of this checkout (from its root, which also goes first on ``PYTHONPATH``:
+``python -m`` puts the working folder first on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _modules_probe(slide: Path, model: str, out: Path, extra: list[str]) -> list
             "import json\n"
             f"print('MODULES', json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_env(), check=False)
+                          env=_env(), cwd=ROOT, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("MODULES "):
             return list(json.loads(line[len("MODULES "):]))
@@ -86,7 +87,7 @@ def _children_cpu() -> float:
 def run_once(slide: Path, model: str, out: Path, extra: list[str]) -> dict[str, Any]:
     cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(_predict_cmd(slide, model, out, extra), capture_output=True,
-                          text=True, env=_env(), check=False)
+                          text=True, env=_env(), cwd=ROOT, check=False)
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise RuntimeError(f"predict failed (rc {proc.returncode}): {proc.stderr[-800:]}")
@@ -104,7 +105,7 @@ def bench_model(slide: Path, model: str, n: int, top: int, extra: list[str],
     first_cpu = [r["first_batch_cpu_s"] for r in runs if r["first_batch_cpu_s"] is not None]
     proc = subprocess.run([sys.executable, "-X", "importtime",
                            *_predict_cmd(slide, model, scratch / "importtime", extra)[1:]],
-                          capture_output=True, text=True, env=_env(), check=False)
+                          capture_output=True, text=True, env=_env(), cwd=ROOT, check=False)
     return {
         "model": model, "runs": n,
         "wall_median_s": round(statistics.median(walls), 3),
@@ -125,7 +126,7 @@ def help_wall(n: int) -> float:
     for _ in range(n):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "histotile", "--help"], capture_output=True,
-                       env=_env(), check=True)
+                       env=_env(), cwd=ROOT, check=True)
         walls.append(time.perf_counter() - t0)
     return round(statistics.median(walls), 3)
 

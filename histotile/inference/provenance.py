@@ -40,7 +40,7 @@ def process_age() -> float | None:
     except (OSError, ValueError, IndexError, AttributeError):
         pass
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped,unused-ignore]  # not a dependency
     except ImportError:
         return None
     try:

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {  # depth -> (block, blocks per stage)
     18: ("BasicBlock", (2, 2, 2, 2)),
-    34: ("BasicBlock", (3, 4, 6, 3)),
     50: ("Bottleneck", (3, 4, 6, 3)),
 }
 
@@ -41,7 +40,7 @@ def classes() -> dict[str, type]:
         return nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False)
 
     class BasicBlock(nn.Module):
-        """Two 3×3 convolutions and the shortcut (ResNet-18/34)."""
+        """Two 3×3 convolutions and the shortcut (ResNet-18)."""
 
         expansion = 1
 
@@ -90,7 +89,7 @@ def classes() -> dict[str, type]:
     class ResNet(nn.Module):
         """7×7 stride-2 stem, max-pool, four stages (64–512 planes), global pool, linear."""
 
-        def __init__(self, block: type[nn.Module], layers: tuple[int, ...] | list[int],
+        def __init__(self, block: Any, layers: tuple[int, ...] | list[int],
                      num_classes: int = 1000) -> None:
             super().__init__()
             self.inplanes = 64
@@ -134,7 +133,7 @@ def classes() -> dict[str, type]:
 
 
 def resnet(depth: int, num_classes: int) -> nn.Module:
-    """An untrained ResNet-``depth`` (18, 34 or 50) with ``num_classes`` outputs."""
+    """An untrained ResNet-``depth`` (18 or 50) with ``num_classes`` outputs."""
     if depth not in DEPTHS:
         raise ValueError(f"no ResNet-{depth}; depths: {sorted(DEPTHS)}")
     block, layers = DEPTHS[depth]
