@@ -177,3 +177,20 @@ def test_bench_startup_parses_importtime() -> None:
             "import time:       700 |        700 | zarr\n"
             "garbage line\n")
     assert bench.importtime_top(text, 5) == [("torch", 0.002), ("zarr", 0.0007)]
+
+
+@pytest.mark.slow
+def test_bench_startup_runs_and_reports(tmp_path: Path) -> None:
+    """bench/startup.py end to end with one run: the figures it prints come from real runs."""
+    out = tmp_path / "startup.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/startup.py"), "-n", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (model,) = result["models"]
+    assert model["model"] == BUNDLED and model["runs"] == 1
+    assert 0 < model["first_batch_median_s"] <= model["wall_median_s"]
+    assert model["first_batch_cpu_median_s"] > 0 and model["cpu_median_s"] > 0
+    assert "torch" in model["heavy_modules"] and "torchvision" not in model["heavy_modules"]
+    assert dict(model["importtime_top_s"]).get("torch", 0) > 0
+    assert "first batch median" in proc.stdout
