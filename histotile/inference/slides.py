@@ -41,7 +41,7 @@ from histotile.export.tissue_geojson import write_tissue_geojson
 from histotile.gradcam import GradCAM, cam_target, resolve_layer
 from histotile.grid import PatchGrid, make_grid
 from histotile.inference.context import PredictContext
-from histotile.inference.provenance import StageTimer, environment, progress_bar
+from histotile.inference.provenance import StageTimer, progress_bar
 from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
 from histotile.patches import Region, plan_regions, sample_patches, unreadable_record
 from histotile.slide import Slide, open_slide
@@ -204,7 +204,7 @@ def run_slide(prepared: PreparedSlide, tmp_dir: Path, ctx: PredictContext) -> Ru
         running = RunningSlide(prepared, tmp_dir, heat, table, geo, stitcher, EngineStats(),
                                np.full(len(grid), -1, np.int32),  # argmax, for the overlay
                                ConfidenceTracker(len(grid)),  # unreadable patches stay NaN
-                               environment(ctx))  # torch's thread count, in this thread
+                               ctx.environment())  # torch's thread count, in this thread
         bar = progress_bar(len(grid), ctx.options.progress, seed)
         for idx, coords, probs, *maps in run_inference(
                 slide.spec, grid, prepared.regions, ctx.model, ctx.model.device,
