@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 from histotile.batch.item import FOLDER, ItemClaim, Layout, check_stem, is_finished
 from histotile.batch.locks import LOCK_TIMEOUT_S, ItemLock, lock_is_stale
@@ -48,7 +48,7 @@ class StagedProcess(Protocol):
     def discard(self, prepared: Any) -> None: ...
 
 
-def is_staged(process: Any) -> bool:
+def is_staged(process: Any) -> TypeGuard[StagedProcess]:
     """Whether ``process`` offers the stages (and says so: ``process.staged`` is not False)."""
     return (getattr(process, "staged", True) is not False
             and all(callable(getattr(process, name, None)) for name in STAGES))
