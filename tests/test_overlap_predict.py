@@ -4,6 +4,7 @@ finished in the background) writes exactly what a one-slide-at-a-time run writes
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PATHMNIST, make_untrained_model, real_data
+from helpers import PATHMNIST, ROOT, make_untrained_model, real_data
 
 import histotile.batch.runner
 from histotile.batch.pipeline import is_staged
@@ -27,6 +28,18 @@ ENGINE_SECONDS = {"read_s", "stain_s", "wait_s", "model_s", "model_load_s", "for
 def model28(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untrained smallcnn whose card asks for Macenko: each slide's stain is fitted."""
     return make_untrained_model(tmp_path_factory.mktemp("models") / "generated-untrained-28")
+
+
+def _mosaic_slide(path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Another small slide (blocks of the CMU slide's pixels, rotated and shuffled by the seed:
+    bench/make_slide.py), so that consecutive slides have different tissue and stain fits."""
+    monkeypatch.setenv("HISTOTILE_BENCH_SOURCE", str(source))
+    spec = importlib.util.spec_from_file_location("bench_make_slide", ROOT / "bench" /
+                                                  "make_slide.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return Path(module.make_benchmark_slide(path, size=1024, seed=1, svs_like=True))
 
 
 def _files(root: Path) -> dict[str, Path]:
@@ -67,7 +80,7 @@ def test_overlap_predict_folder_byte_identical_to_one_at_a_time(
     (folder / "2-truncated.svs").write_bytes(cmu_small.read_bytes()[:4096])  # fails in prepare
     shutil.copy(real_data(PATHMNIST), folder / "3-pathmnist.npz")
     shutil.copy(cmu_small, folder / "4-cmu-copy.svs")
-    shutil.copy(cmu_small, folder / "5-cmu-again.svs")
+    _mosaic_slide(folder / "5-mosaic.svs", cmu_small, monkeypatch)  # prepared while 4 runs
     assert is_staged(make_predict_process(PredictOptions(model=str(model28))))
     kwargs = {"model": model28, "split": "train", "progress": False, "ome_tiff": True,
               "qupath_merge": True, "command": "histotile predict (test)"}
@@ -100,5 +113,6 @@ def test_overlap_predict_folder_byte_identical_to_one_at_a_time(
         compared += 1
     assert compared == len(a) - 1
     stains = [json.loads((tmp_path / "piped" / s / "run.json").read_text())["stain"]
-              for s in ("1-cmu", "4-cmu-copy")]
-    assert stains[0]["mode"] == "per slide" and stains[0]["fit"] == stains[1]["fit"]
+              for s in ("1-cmu", "4-cmu-copy", "5-mosaic")]
+    assert all(s["mode"] == "per slide" for s in stains)
+    assert stains[0]["fit"] == stains[1]["fit"] != stains[2]["fit"]  # each slide its own fit
