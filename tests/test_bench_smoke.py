@@ -187,3 +187,16 @@ def test_run_folder_mode_sums_patches_over_the_cohort(source: Path, tmp_path: Pa
     assert "--min-tissue" in result["header"]["command"]
     assert run["patches"] % 2 == 0 and run["patches"] > 0  # identical copies, summed
     assert "folder of 2 slides" in (out / "results.md").read_text()
+
+
+def test_bench_overlap_smoke(tmp_path: Path) -> None:
+    """bench/bench_overlap.py: both modes on 2 slides, one round; per-slide figures reported."""
+    from helpers import make_untrained_model
+
+    model = make_untrained_model(tmp_path / "model")
+    results = _load("bench_overlap").main(["--model", str(model), "--slides", "2", "--rounds",
+                                           "1", "--work", str(tmp_path / "work")])
+    assert [r["mode"] for r in results] == ["one at a time", "overlapped"]
+    for r in results:
+        assert r["slides"] == 2 and r["wall_s"] > 0 and r["model_s"] > 0
+        assert set(r["stages"]) == {"open", "tissue", "stain", "stitch", "export"}

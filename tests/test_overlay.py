@@ -125,3 +125,35 @@ def test_issue15_tissue_png_shows_mask_grid_and_scale(cmu_small, tmp_path):
     blue = (out == GRID_BLUE).all(axis=2).sum()
     side = 28 * 4.0 / mpp / t.downsample * np.ceil(1024 / max(t.thumbnail.shape[:2]))
     assert blue > len(grid) * side  # every kept patch's box is drawn
+
+
+def test_blend_equals_per_pixel_reference() -> None:
+    """overlay._blend (only covered pixels, stripes only for uncertain patches) gives exactly
+    the per-pixel rule: covered pixels move toward the class colour by the patch's opacity,
+    HATCH_ALPHA on the stripes of uncertain patches, uncovered pixels unchanged."""
+    import numpy as np
+
+    from histotile.export import overlay
+
+    rng = np.random.default_rng(7)
+    h, w, n = 37, 53, 12
+    thumb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    coords = np.stack([rng.integers(0, w * 4, n), rng.integers(0, h * 4, n)], 1)
+    index = overlay.patch_index_image((h, w), 4.0, coords, 40)
+    labels = rng.integers(0, 3, n)
+    palette = np.asarray([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.float32)
+    opacity = rng.uniform(0.2, 0.7, n)
+    for uncertain in (rng.uniform(size=n) < 0.5, np.zeros(n, bool)):
+        got = overlay._blend(thumb, index, labels, palette, opacity, uncertain)  # noqa: SLF001
+        want = thumb.copy()
+        for y in range(h):
+            for x in range(w):
+                k = index[y, x]
+                if k < 0:
+                    continue
+                stripe = (y + x) % overlay.HATCH_PERIOD < overlay.HATCH_STROKE
+                a = np.float32(overlay.HATCH_ALPHA if uncertain[k] and stripe else opacity[k])
+                px = thumb[y, x].astype(np.float32)
+                want[y, x] = np.rint((1 - a) * px + a * palette[labels[k]])
+        assert (index >= 0).any() and (index < 0).any()
+        np.testing.assert_array_equal(got, want)

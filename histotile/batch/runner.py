@@ -27,268 +27,39 @@ import contextlib
 import json
 import logging
 import os
-import re
-import secrets
-import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from histotile.batch.inputs import has_glob
-from histotile.batch.locks import LOCK_TIMEOUT_S, ItemLock, lock_is_stale, remove_stale_parts
+from histotile.batch.item import (
+    FOLDER,
+    ITEM_PREFIX,
+    RUN_JSON,
+    ErrorPolicy,
+    Layout,
+    OutputConflictError,
+    ProcessFn,
+    finished_run,
+    process_item,
+    settle_busy,
+)
+from histotile.batch.locks import LOCK_TIMEOUT_S
+from histotile.batch.pipeline import is_staged, run_staged
 from histotile.batch.shards import shard_items
 from histotile.batch.state import (
     BatchSummary,
     ItemResult,
-    atomic_write_text,
     error_line,
     manifest_name,
-    now,
-    read_json,
     write_manifest,
-    write_state,
 )
-from histotile.errors import HistotileError, InputNotFoundError, InvalidArgumentError
-from histotile.items import DICOM_SUFFIX, item_stems, item_suffix
+from histotile.errors import InvalidArgumentError
+from histotile.items import item_stems
 from histotile.slide import open_slide
 
 log = logging.getLogger(__name__)
-
-RUN_JSON = "run.json"
-ITEM_PREFIX = "item"  # files layout: process writes item.<suffix>
-_TMP_RE = r"\.(?:tmp|old)-{stem}-[0-9a-f]{{8}}"
-
-ProcessFn = Callable[[Path, Path], "dict[str, Any] | None"]
-ErrorPolicy = Literal["report", "raise"] | Callable[[Path, ItemResult], None]
-
-
-class OutputConflictError(HistotileError):
-    """An item's output name is taken by something that is not this item's result."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one item's results go (see the module docstring)."""
-
-    kind: Literal["folder", "files"] = "folder"
-    primary: str = ""  # files: suffix of the file the manifest points at, e.g. ".h5"
-
-    def run_json(self, out: Path, stem: str) -> Path:
-        return out / stem / RUN_JSON if self.kind == "folder" else out / f"{stem}.{RUN_JSON}"
-
-    def output(self, out: Path, stem: str) -> Path:
-        return out / stem if self.kind == "folder" else out / f"{stem}{self.primary}"
-
-
-FOLDER = Layout()
-
-
-def _norm(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def _source(item: Path) -> str:
-    """What an item is, for "is this output mine": its real path (a DICOM file: its series)."""
-    real = os.path.realpath(item)
-    return os.path.dirname(real) if item_suffix(real) == DICOM_SUFFIX else real
-
-
-def finished_run(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """``folder/run.json`` when it marks a finished run with this fingerprint, else None."""
-    return _finished(FOLDER.run_json(folder.parent, folder.name), fingerprint)
-
-
-def _finished(run_json: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    run = read_json(run_json)
-    if run and run.get("status") == "done" and _norm(run.get("fingerprint")) == _norm(fingerprint):
-        return run
-    return None
-
-
-def _same_source(run: dict[str, Any], item: Path) -> bool:
-    recorded = run.get("source")
-    return recorded is None or recorded == _source(item)  # older records lack it
-
-
-def _patches(info: dict[str, Any]) -> int | None:
-    for key in ("patches", "n_patches", "num_patches"):
-        value = info.get(key)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _check_existing(out: Path, stem: str, layout: Layout, item: Path, overwrite: bool) -> None:
-    """Refuse to replace an output that is not a previous result of this same item."""
-    target = layout.output(out, stem)
-    run = read_json(layout.run_json(out, stem))
-    if run is not None and not _same_source(run, item):
-        other = run.get("slide") or run.get("source")
-        if not overwrite:
-            raise OutputConflictError(
-                f"output name {stem!r} already holds the results of {other}",
-                hint="use another output folder, or --overwrite to replace them",
-                subject=str(item))
-    elif run is None and (target.exists() or target.is_symlink()) and not overwrite:
-        raise OutputConflictError(
-            f"{target} exists and is not a histotile result",
-            hint="move it away, use another output folder, or --overwrite to replace it",
-            subject=str(item))
-
-
-def _clean_leftovers(out_dir: Path, stem: str) -> None:
-    """Remove ``.tmp-<stem>-*`` / ``.old-<stem>-*`` left by a killed run (lock held)."""
-    pattern = re.compile(_TMP_RE.format(stem=re.escape(stem)))
-    for entry in out_dir.iterdir():
-        if entry.is_dir() and pattern.fullmatch(entry.name):
-            log.info("removing leftover %s", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-    remove_stale_parts(out_dir, stem)
-
-
-def _commit_folder(tmp: Path, out: Path, stem: str) -> None:
-    """Rename ``tmp`` to ``out/stem``; an existing one is moved aside first, then deleted."""
-    final = out / stem
-    old = None
-    if final.exists() or final.is_symlink():
-        old = out / f".old-{stem}-{secrets.token_hex(4)}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-
-
-def _commit_files(tmp: Path, out: Path, stem: str, layout: Layout) -> None:
-    """Move ``tmp/item.<suffix>`` to ``out/<stem>.<suffix>``, the run record last; files of the
-    previous result of this item that the new one lacks are removed."""
-    run_json = layout.run_json(out, stem)
-    previous = read_json(run_json) or {}
-    with contextlib.suppress(FileNotFoundError):
-        run_json.unlink()  # from here on the item reads as unfinished until the new record
-    names = [p.name for p in sorted(tmp.iterdir()) if p.name != RUN_JSON]
-    for name in names:
-        if not name.startswith(ITEM_PREFIX + "."):
-            raise InvalidArgumentError(f"process wrote {name!r}",
-                                       hint=f"files-layout processes write {ITEM_PREFIX}.<suffix>")
-        os.replace(tmp / name, out / (stem + name[len(ITEM_PREFIX):]))
-    kept = {stem + n[len(ITEM_PREFIX):] for n in names}
-    for old in previous.get("files") or []:
-        if isinstance(old, str) and old not in kept and Path(old).name == old \
-                and old.startswith(stem + "."):
-            with contextlib.suppress(FileNotFoundError):
-                (out / old).unlink()
-    os.replace(tmp / RUN_JSON, run_json)
-    tmp.rmdir()
-
-
-def _write_run_json(tmp: Path, item: Path, out: Path, stem: str, layout: Layout,
-                    info: dict[str, Any], fingerprint: dict[str, Any], started: str,
-                    seconds: float) -> None:
-    from histotile import __version__
-
-    run = {**info, "slide": str(item), "source": _source(item),
-           "output": str(layout.output(out, stem)), "fingerprint": fingerprint,
-           "status": "done", "started": started, "finished": now(),
-           "seconds": round(seconds, 3), "host": socket.gethostname(),
-           "histotile_version": __version__}
-    if layout.kind == "files":
-        run["files"] = sorted(stem + p.name[len(ITEM_PREFIX):] for p in tmp.iterdir()
-                              if p.name != RUN_JSON)
-    atomic_write_text(tmp / RUN_JSON, json.dumps(run, indent=2, default=str))
-
-
-def _state(out: Path, stem: str, item: Path, status: str, reason: str = "",
-           new_attempt: bool = False) -> None:
-    try:
-        write_state(out, stem, str(item), status, reason, new_attempt=new_attempt)
-    except OSError as exc:  # the state record is informational; run.json is the truth
-        log.debug("could not write the state record of %s: %s", stem, exc)
-
-
-def process_item(item: Path, stem: str, out_dir: Path, process: ProcessFn,
-                 fingerprint: dict[str, Any], overwrite: bool = False,
-                 lock_timeout: float = LOCK_TIMEOUT_S, raise_errors: bool = False,
-                 layout: Layout = FOLDER) -> ItemResult:
-    """Run one item: skip if finished, lock, process into a temp folder, run record, move.
-
-    Never raises for a failing item (unless ``raise_errors``): the error is in the result.
-    """
-    out, item, slide = Path(out_dir), Path(item), str(item)
-    if not stem or stem in (".", "..") or "/" in stem or os.sep in stem:
-        raise InvalidArgumentError(f"output name {stem!r} for {slide}",
-                                   hint="name items by their file or folder name")
-    output = str(layout.output(out, stem))
-    run_json = layout.run_json(out, stem)
-    lock = ItemLock(out, stem, timeout=lock_timeout)
-    if not overwrite and (run := _finished(run_json, fingerprint)) and _same_source(run, item):
-        if lock.path.exists() and lock_is_stale(lock.path, lock_timeout) and lock.acquire():
-            try:  # killed after its rename: clear its lock and any leftovers
-                _clean_leftovers(out, stem)
-            finally:
-                lock.release()
-        return ItemResult(slide, "skipped", patches=_patches(run), output=output)
-    t0 = time.perf_counter()
-    tmp: Path | None = None
-    held = False
-    try:
-        held = lock.acquire()
-        if not held:
-            return ItemResult(slide, "busy", error=lock.describe_holder(), output=output)
-        _clean_leftovers(out, stem)
-        run = _finished(run_json, fingerprint)
-        if not overwrite and run and _same_source(run, item):  # done while we waited
-            return ItemResult(slide, "skipped", patches=_patches(run), output=output)
-        _check_existing(out, stem, layout, item, overwrite)
-        if not item.exists():
-            raise InputNotFoundError(
-                "the pattern matches no slide" if has_glob(slide) else "no such file or folder",
-                hint="check the path", subject=slide)
-        _state(out, stem, item, "running", new_attempt=True)
-        started = now()
-        tmp = out / f".tmp-{stem}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        info = dict(process(item, tmp) or {})
-        seconds = time.perf_counter() - t0
-        _write_run_json(tmp, item, out, stem, layout, info, fingerprint, started, seconds)
-        if layout.kind == "folder":
-            _commit_folder(tmp, out, stem)
-        else:
-            _commit_files(tmp, out, stem, layout)
-        tmp = None
-        _state(out, stem, item, "done")
-        return ItemResult(slide, "done", patches=_patches(info), seconds=seconds, output=output)
-    except Exception as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if held:
-            _state(out, stem, item, "failed", error_line(exc))
-        if raise_errors:
-            raise
-        log.debug("item %s failed", slide, exc_info=True)
-        return ItemResult(slide, "failed", error=error_line(exc),
-                          seconds=time.perf_counter() - t0)
-    finally:
-        if held:
-            lock.release()
-
-
-# --------------------------------------------------------------------------- batch
-
-def settle_busy(result: ItemResult, out: Path, stem: str, fingerprint: dict[str, Any],
-                layout: Layout = FOLDER) -> ItemResult:
-    """An item another process held: report it as finished if it is by now."""
-    if result.status == "busy":
-        run = _finished(layout.run_json(out, stem), fingerprint)
-        if run and _same_source(run, Path(result.slide)):
-            return ItemResult(result.slide, "skipped", patches=_patches(run), output=result.output)
-    return result
 
 
 def error_policy(on_error: ErrorPolicy) -> tuple[bool, Callable[[Path, ItemResult], None] | None]:
@@ -339,6 +110,10 @@ def run_batch(items: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLik
               layout: Layout = FOLDER, stems: Sequence[str] | None = None) -> BatchSummary:
     """Run ``process(item, tmp_dir) -> info`` over ``items`` with resume, locks and a manifest.
 
+    A ``process`` with stages (:class:`histotile.batch.pipeline.StagedProcess`) has its items
+    overlapped: the next prepared and the previous finished while one runs (not with
+    ``on_error="raise"``, which runs one item at a time).
+
     ``items`` is the full, deterministic list (output names are decided on it, or given as
     ``stems``, then the shard is taken). ``on_error``: ``"report"`` (log one line, continue),
     ``"raise"`` (re-raise, e.g. for --debug) or a callable ``(item, result)``. The manifest
@@ -354,25 +129,36 @@ def run_batch(items: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLik
     manifest = out / manifest_name(shard)
     last_write = time.monotonic()
     bar = _progress(len(pairs), progress, shard)
+
+    def started(item: Path) -> None:
+        if bar is not None:
+            bar.set_postfix_str(item.name[-40:], refresh=False)
+
+    def emit(item: Path, result: ItemResult) -> None:
+        nonlocal last_write
+        summary.results.append(result)
+        if result.status == "failed" and report is not None:
+            with above_bar(bar):  # the error line on its own line, not glued to the bar
+                report(item, result)
+        if bar is not None:
+            bar.update()
+        if time.monotonic() - last_write > manifest_every_s:
+            try:
+                write_manifest(manifest, summary.results)
+            except OSError as exc:  # e.g. a full disk: keep going, the items decide
+                log.warning("could not update the manifest: %s", error_line(exc))
+            last_write = time.monotonic()
+
     try:
-        for item, stem in pairs:
-            if bar is not None:
-                bar.set_postfix_str(item.name[-40:], refresh=False)
-            result = process_item(item, stem, out, process, fingerprint, overwrite=overwrite,
-                                  lock_timeout=lock_timeout, raise_errors=raise_errors,
-                                  layout=layout)
-            summary.results.append(result)
-            if result.status == "failed" and report is not None:
-                with above_bar(bar):  # the error line on its own line, not glued to the bar
-                    report(item, result)
-            if bar is not None:
-                bar.update()
-            if time.monotonic() - last_write > manifest_every_s:
-                try:
-                    write_manifest(manifest, summary.results)
-                except OSError as exc:  # e.g. a full disk: keep going, the items decide
-                    log.warning("could not update the manifest: %s", error_line(exc))
-                last_write = time.monotonic()
+        if is_staged(process) and not raise_errors:  # --debug: one item at a time
+            run_staged(pairs, out, process, fingerprint, emit, started=started,
+                       overwrite=overwrite, lock_timeout=lock_timeout, layout=layout)
+        else:
+            for item, stem in pairs:
+                started(item)
+                emit(item, process_item(item, stem, out, process, fingerprint,
+                                        overwrite=overwrite, lock_timeout=lock_timeout,
+                                        raise_errors=raise_errors, layout=layout))
     finally:
         if bar is not None:
             bar.close()
@@ -414,3 +200,11 @@ def probe_slide(item: Path, tmp_dir: Path) -> dict[str, Any]:
 def make_probe_process() -> ProcessFn:
     """Process factory for :func:`probe_slide` (picklable, for the dask executors)."""
     return probe_slide
+
+
+__all__ = [  # the item-level names are defined in histotile.batch.item
+    "FOLDER", "ITEM_PREFIX", "RUN_JSON", "ErrorPolicy", "Layout", "OutputConflictError",
+    "ProcessFn", "above_bar", "error_policy", "finish_summary", "finished_run",
+    "make_probe_process", "plan_items", "probe_slide", "process_item", "run_batch",
+    "settle_busy",
+]

@@ -133,20 +133,26 @@ def write_overlay(path: str | Path, thumbnail: np.ndarray, thumb_downsample: flo
 def _blend(thumb: np.ndarray, index: np.ndarray, labels: np.ndarray, palette: np.ndarray,
            opacity: np.ndarray, uncertain: np.ndarray) -> np.ndarray:
     """Each covered pixel moved toward its patch's class colour by the patch's opacity; the
-    stripes of uncertain patches by :data:`HATCH_ALPHA`. Row blocks of ~1 Mpx keep the float
-    copies small."""
+    stripes of uncertain patches by :data:`HATCH_ALPHA`. Only covered pixels are computed (in
+    float32), in row blocks of ~1 Mpx; the stripes only where a patch is uncertain."""
     h, w = thumb.shape[:2]
-    out = np.empty((h, w, 3), np.uint8)
+    out = np.array(thumb[..., :3], dtype=np.uint8, copy=True)
     rows = max(1, (1 << 20) // max(w, 1))
     for y in range(0, h, rows):
         sl = slice(y, min(y + rows, h))
-        block, idx = thumb[sl].astype(np.float32), index[sl]
-        hit = idx >= 0
-        k = idx[hit]
+        hit = index[sl] >= 0
+        if not hit.any():
+            continue
+        k = index[sl][hit]
         a = opacity[k].astype(np.float32)
-        a = np.where(uncertain[k] & hatch(sl, w)[hit], np.float32(HATCH_ALPHA), a)[:, None]
-        block[hit] = (1 - a) * block[hit] + a * palette[labels[k]]
-        out[sl] = np.rint(block)
+        unsure = uncertain[k]
+        if unsure.any():
+            ys, xs = np.nonzero(hit)  # the order of boolean indexing: row-major
+            stripe = (ys + y + xs) % HATCH_PERIOD < HATCH_STROKE  # as hatch(sl, w)[hit]
+            a = np.where(unsure & stripe, np.float32(HATCH_ALPHA), a)
+        a = a[:, None]
+        block = out[sl]
+        block[hit] = np.rint((1 - a) * block[hit].astype(np.float32) + a * palette[labels[k]])
     return out
 
 

@@ -1,9 +1,12 @@
 """Where the per-item work runs: this process, a dask LocalCluster, dask-jobqueue, SLURM arrays.
 
 :func:`run_items` is the single entry every multi-item command calls (``predict``, ``tile``):
-``serial`` runs :func:`histotile.batch.run_batch` here; ``local`` / ``dask-jobqueue`` map the
-same :func:`histotile.batch.process_item` over dask workers (:mod:`histotile.hpc.dask_pool`).
-SLURM job arrays (:mod:`histotile.hpc.slurm`) run the command itself once per shard.
+``serial`` runs :func:`histotile.batch.run_batch` here; ``local`` / ``dask-jobqueue`` run the
+same per-item work on dask workers, a run of consecutive items per task
+(:mod:`histotile.hpc.dask_pool`). SLURM job arrays (:mod:`histotile.hpc.slurm`) run the command
+itself once per shard. Wherever it runs, a process with stages (``predict``'s) has its items
+overlapped (:mod:`histotile.batch.pipeline`): the next prepared and the previous finished while
+one runs through the model.
 Imports point one way: ``hpc`` uses ``batch``, never the reverse.
 """
 

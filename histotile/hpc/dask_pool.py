@@ -1,9 +1,12 @@
 """The dask executors: the same per-item work as a serial run, spread over dask workers.
 
 ``local`` is a ``distributed.LocalCluster`` of worker processes on this machine;
-``dask-jobqueue`` starts workers as batch jobs (SLURM, PBS, SGE, LSF, HTCondor). Each worker
-runs :func:`histotile.batch.process_item` (lock, temporary folder, run record, rename) and
-builds the command's process once; results and the manifest are gathered on the client.
+``dask-jobqueue`` starts workers as batch jobs (SLURM, PBS, SGE, LSF, HTCondor). Each task is
+a run of consecutive items (:func:`chunk_pairs`): the worker builds the command's process once
+and runs the task's items as a serial run does (:func:`histotile.batch.process_item`, or
+overlapped by :mod:`histotile.batch.pipeline` when the process has stages: the next item
+prepared and the previous one finished while one runs); results and the manifest are gathered
+on the client.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from histotile.batch.locks import LOCK_TIMEOUT_S
+from histotile.batch.pipeline import is_staged, run_staged
 from histotile.batch.runner import (
     FOLDER,
     ErrorPolicy,
@@ -53,16 +57,33 @@ def _cached_process(process_factory: Callable[[], ProcessFn]) -> ProcessFn:
     return _PROCESS_CACHE[key]
 
 
-def _dask_item(item: Path, stem: str, out_dir: Path, process_factory: Callable[[], ProcessFn],
-               fingerprint: dict[str, Any], overwrite: bool, lock_timeout: float,
-               layout: Layout = FOLDER) -> ItemResult:
-    """The task a dask worker runs: exactly :func:`histotile.batch.process_item`."""
+MAX_CHUNK = 8  # items per dask task at most (overlap within a task, balance across tasks)
+
+
+def chunk_pairs(pairs: Sequence[tuple[Path, str]], jobs: int) -> list[list[int]]:
+    """Indices of ``pairs`` cut into runs of consecutive items, one dask task each: about four
+    tasks per worker, at most :data:`MAX_CHUNK` items each, so items overlap inside a task and
+    tasks still balance across workers."""
+    size = max(1, min(MAX_CHUNK, len(pairs) // (max(1, jobs) * 4)))
+    return [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
+
+
+def _dask_items(pairs: list[tuple[Path, str]], out_dir: Path,
+                process_factory: Callable[[], ProcessFn], fingerprint: dict[str, Any],
+                overwrite: bool, lock_timeout: float, layout: Layout = FOLDER
+                ) -> list[ItemResult]:
+    """The task a dask worker runs: its items as a serial run does, in order."""
     try:
         process = _cached_process(process_factory)
     except Exception as exc:  # noqa: BLE001 - building the process (loading a model) failed on this worker
-        return ItemResult(str(item), "failed", error=error_line(exc))
-    return process_item(item, stem, out_dir, process, fingerprint, overwrite=overwrite,
-                        lock_timeout=lock_timeout, layout=layout)
+        return [ItemResult(str(item), "failed", error=error_line(exc)) for item, _ in pairs]
+    if is_staged(process):
+        results: list[ItemResult] = []
+        run_staged(pairs, out_dir, process, fingerprint, lambda _, r: results.append(r),
+                   overwrite=overwrite, lock_timeout=lock_timeout, layout=layout)
+        return results
+    return [process_item(item, stem, out_dir, process, fingerprint, overwrite=overwrite,
+                         lock_timeout=lock_timeout, layout=layout) for item, stem in pairs]
 
 
 def make_cluster(executor: str, jobs: int, out_dir: Path, cluster: str = "slurm",
@@ -130,24 +151,27 @@ def run_with_dask(items: Sequence[str | os.PathLike[str]], out_dir: str | os.Pat
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(paths), desc=f"slides ({executor})", unit="slide", file=sys.stderr)
+    chunks = chunk_pairs(pairs, jobs)
     with make_cluster(executor, jobs, out, cluster, **cluster_kwargs) as clu, Client(clu) as client:
         futures = {
-            client.submit(_dask_item, p, s, out, process_factory, fingerprint, overwrite,
-                          lock_timeout, layout, pure=False, key=f"histotile-{i}-{s}"): i
-            for i, (p, s) in enumerate(zip(paths, stems, strict=True))
+            client.submit(_dask_items, [pairs[i] for i in chunk], out, process_factory,
+                          fingerprint, overwrite, lock_timeout, layout, pure=False,
+                          key=f"histotile-{chunk[0]}-{stems[chunk[0]]}"): chunk
+            for chunk in chunks
         }
         for fut in as_completed(futures):
-            i = futures[fut]
+            chunk = futures[fut]
             try:
-                result: ItemResult = fut.result()
+                got: list[ItemResult] = fut.result()
             except Exception as exc:  # noqa: BLE001 - the worker died (OOM, segfault) or lost the task
-                result = ItemResult(str(paths[i]), "failed", error=error_line(exc))
-            results[i] = result
-            if result.status == "failed" and report is not None:
-                with above_bar(bar):
-                    report(paths[i], result)
-            if bar is not None:
-                bar.update()
+                got = [ItemResult(str(paths[i]), "failed", error=error_line(exc)) for i in chunk]
+            for i, result in zip(chunk, got, strict=True):
+                results[i] = result
+                if result.status == "failed" and report is not None:
+                    with above_bar(bar):
+                        report(paths[i], result)
+                if bar is not None:
+                    bar.update()
     if bar is not None:
         bar.close()
     done = [(r, s) for r, s in zip(results, stems, strict=True) if r is not None]

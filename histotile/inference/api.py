@@ -10,9 +10,11 @@ on the first batch) for every item.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,44 +28,96 @@ from histotile.inference.context import PredictContext
 from histotile.inference.fingerprint import derive_fingerprint
 from histotile.inference.model import LazyModel
 from histotile.inference.provenance import library_command
-from histotile.inference.slides import predict_slide
+from histotile.inference.slides import (
+    PreparedSlide,
+    RunningSlide,
+    finish_slide,
+    prepare_slide,
+    run_slide,
+)
 from histotile.models.card import ModelCard
 from histotile.models.loading import resolve_device
 from histotile.options import PredictOptions
 from histotile.vendor import refuse_patches_as_slides
 
 
-def make_predict_process(options: PredictOptions) -> Any:
-    """``process(item, tmp_dir) -> info`` for :func:`histotile.batch.run_items`.
+class PredictProcess:
+    """``process(item, tmp_dir) -> info`` for :func:`histotile.batch.run_items`, with the stages
+    the batch runner overlaps across items (:class:`histotile.batch.pipeline.StagedProcess`):
+    ``prepare`` (open, tissue, grid, stain fit: a slide; nothing: an archive), ``run`` (the
+    model, writers streamed) and ``finish`` (writers closed, pictures). One per process: the
+    context (and the model, loaded once on the first batch) is reused for every item."""
 
-    ``functools.partial(make_predict_process, options)`` pickles to dask workers; each process
-    builds its own context (and lazily loaded model) once and reuses it for every item.
-    """
-    ctx = PredictContext.from_options(options)
-    configured: list[bool] = []
+    def __init__(self, options: PredictOptions) -> None:
+        self.options = options
+        self.ctx = PredictContext.from_options(options)
+        self._configure_lock = threading.Lock()
+        self._setup_s: float | None = None
 
-    def process(item: Path, tmp_dir: Path) -> dict[str, Any]:
-        ctx.model.raise_if_failed()  # a model that failed to load fails the rest fast
-        t0 = time.perf_counter()
-        if not configured:  # torch is imported only once there is work to do
+    def _configure(self) -> float:
+        """Torch's threads, once per process (torch is imported only once there is work);
+        returns the seconds it took, 0 after the first time."""
+        with self._configure_lock:
+            if self._setup_s is not None:
+                return 0.0
+            t0 = time.perf_counter()
             from histotile.engine import configure_threads
 
-            ctx.compute = configure_threads(
-                ctx.model.device, ctx.effective_workers(),
-                explain=options.gradcam or options.attention)
-            configured.append(True)
-        setup = time.perf_counter() - t0
-        try:
-            if is_archive(item):
-                info = predict_archive(Path(item), Path(tmp_dir), ctx)
-            else:
-                info = predict_slide(Path(item), Path(tmp_dir), ctx)
-        except OSError as exc:  # a full disk, a vanished output folder: one line with a hint
-            raise os_error(exc, subject=str(item)) from exc
+            self.ctx.compute = configure_threads(
+                self.ctx.model.device, self.ctx.effective_workers(),
+                explain=self.options.gradcam or self.options.attention)
+            self._setup_s = time.perf_counter() - t0
+            return self._setup_s
+
+    def __call__(self, item: Path, tmp_dir: Path) -> dict[str, Any]:
+        return self.finish(self.run(self.prepare(item), tmp_dir))
+
+    def prepare(self, item: Path) -> tuple[Path, float, PreparedSlide | None]:
+        self.ctx.model.raise_if_failed()  # a model that failed to load fails the rest fast
+        setup = self._configure()
+        if is_archive(item):
+            return Path(item), setup, None
+        with _one_line(item):
+            return Path(item), setup, prepare_slide(Path(item), self.ctx)
+
+    def run(self, prepared: tuple[Path, float, PreparedSlide | None], tmp_dir: Path
+            ) -> tuple[float, RunningSlide | dict[str, Any]]:
+        item, setup, slide = prepared
+        self.ctx.model.raise_if_failed()
+        setup += self._configure()
+        with _one_line(item):
+            if slide is None:
+                return setup, predict_archive(item, Path(tmp_dir), self.ctx)
+            return setup, run_slide(slide, Path(tmp_dir), self.ctx)
+
+    def finish(self, running: tuple[float, RunningSlide | dict[str, Any]]) -> dict[str, Any]:
+        setup, state = running
+        if isinstance(state, dict):
+            info = state
+        else:
+            with _one_line(state.prepared.item):
+                info = finish_slide(state, self.ctx)
         info["timings"]["setup"] = round(setup, 3)  # torch import (first item), threads
         return info
 
-    return process
+    def discard(self, prepared: tuple[Path, float, PreparedSlide | None]) -> None:
+        if prepared[2] is not None:
+            prepared[2].close()
+
+
+@contextlib.contextmanager
+def _one_line(item: Path) -> Iterator[None]:
+    """A full disk, a vanished output folder: one line with a hint."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, subject=str(item)) from exc
+
+
+def make_predict_process(options: PredictOptions) -> PredictProcess:
+    """The :class:`PredictProcess` of ``options``. ``functools.partial(make_predict_process,
+    options)`` pickles to dask workers; each process builds its own once."""
+    return PredictProcess(options)
 
 
 def check_against_card(options: PredictOptions, card: ModelCard) -> None:

@@ -20,7 +20,7 @@ from histotile.archives import PatchArchive, open_archive
 from histotile.confidence import ConfidenceTracker, domain_warning, run_record
 from histotile.errors import ModelError
 from histotile.inference.context import PredictContext
-from histotile.inference.provenance import StageTimer, environment, progress_bar
+from histotile.inference.provenance import StageTimer, progress_bar
 
 if TYPE_CHECKING:  # the engine imports torch
     import torch
@@ -70,7 +70,7 @@ def predict_archive(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str,
         timer.add("stain", stats.stain_s)
         timer.add("model", stats.model_s)
         info: dict[str, Any] = {
-            **environment(ctx), "kind": archive.kind, "patches": len(archive),
+            **ctx.environment(), "kind": archive.kind, "patches": len(archive),
             "split": archive.split if archive.kind == "medmnist-npz" else None,
             "model": ctx.model.describe(), "stain": stain_info,
             "settings": {"batch_size": ctx.options.batch_size, "compute": ctx.compute_info()},

@@ -4,13 +4,14 @@ preprocessing (resolved once from the card and ``stain_norm``) and the compute p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from histotile.errors import NoTissueError
 from histotile.inference.model import LazyModel
+from histotile.inference.provenance import environment
 from histotile.models.preprocess import STAIN_SEED, Preprocessing
 from histotile.options import PredictOptions
 
@@ -28,6 +29,7 @@ class PredictContext:
     model: LazyModel
     preprocessing: Preprocessing
     compute: ComputePlan | None = None  # set once per process before the first item
+    _environment: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
     def from_options(cls, options: PredictOptions) -> PredictContext:
@@ -44,6 +46,13 @@ class PredictContext:
         if self.options.workers is not None:
             return self.options.workers
         return default_workers(self.model.device)
+
+    def environment(self) -> dict[str, Any]:
+        """run.json's versions, device, threads and command: the same for every item of the
+        process, so found once (after ``compute`` is set: torch's thread count is in it)."""
+        if self._environment is None or self.compute is None:
+            self._environment = environment(self)
+        return dict(self._environment)
 
     def compute_info(self) -> dict[str, int] | None:
         plan = self.compute

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ from histotile.export.tissue_geojson import write_tissue_geojson
 from histotile.gradcam import GradCAM, cam_target, resolve_layer
 from histotile.grid import PatchGrid, make_grid
 from histotile.inference.context import PredictContext
-from histotile.inference.provenance import StageTimer, environment, progress_bar
+from histotile.inference.provenance import StageTimer, progress_bar
 from histotile.models.preprocess import STAIN_SAMPLE, STAIN_SEED
 from histotile.patches import Region, plan_regions, sample_patches, unreadable_record
 from histotile.slide import Slide, open_slide
@@ -89,8 +90,55 @@ def unreadable_info(grid: PatchGrid, rows: list[int], tissue: TissueMask, max_fr
                              "and run.json")
 
 
+@dataclass
+class PreparedSlide:
+    """A slide opened, its tissue detected, its grid planned and its stain fitted: what
+    :func:`run_slide` needs (the slide stays open until :func:`finish_slide` or ``close``)."""
+
+    item: Path
+    slide: Slide
+    tissue: TissueMask
+    grid: PatchGrid
+    regions: list[Region]
+    stain: StainStep | None
+    stain_info: dict[str, Any]
+    timer: StageTimer
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+@dataclass
+class RunningSlide:
+    """A slide streamed through the model: the open writers :func:`finish_slide` closes."""
+
+    prepared: PreparedSlide
+    tmp_dir: Path
+    heat: HeatmapWriter
+    table: PredictionsCSVWriter
+    geo: GeoJSONTileWriter
+    stitcher: CamStitcher | None
+    stats: EngineStats
+    labels: np.ndarray
+    confidence: ConfidenceTracker
+    environment: dict[str, Any]
+
+    def abort(self) -> None:
+        """Drop the writers' partial output and close the slide."""
+        for w in (self.heat, self.table, self.geo):
+            with contextlib.suppress(Exception):
+                w.abort()
+        _drop_cam_scratch(self.stitcher)
+        self.prepared.close()
+
+
 def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, Any]:
     """Predict one slide into ``tmp_dir`` (every output but run.json); returns run info."""
+    return finish_slide(run_slide(prepare_slide(item, ctx), tmp_dir, ctx), ctx)
+
+
+def prepare_slide(item: Path, ctx: PredictContext) -> PreparedSlide:
+    """Open ``item``, detect its tissue, plan its grid and fit its stain (reads only)."""
     timer = StageTimer()
     with timer("open"):
         try:
@@ -101,7 +149,7 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
             raise CorruptSlideError(
                 f"cannot be read as a slide ({type(exc).__name__}: {exc})",
                 "the file may be truncated or corrupt; re-copy it", subject=str(item)) from exc
-    with slide:
+    try:
         slide.require_mpp()
         with timer("tissue"):
             tissue = tissue_for_slide(slide, ctx.options)  # detected, or --tissue-mask
@@ -118,17 +166,114 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
             sample = (None if ctx.preprocessing.stain.method == "none"
                       else _slide_stain_sample(slide, grid))  # --stain-norm none: no reads
             stain, stain_info = ctx.slide_stain_step(sample, str(item))
-        stats, extra_info = _run_slide(slide, grid, regions, tissue, stain, tmp_dir, ctx,
-                                       timer)
+    except BaseException:
+        slide.close()
+        raise
+    return PreparedSlide(Path(item), slide, tissue, grid, regions, stain, stain_info, timer)
+
+
+def run_slide(prepared: PreparedSlide, tmp_dir: Path, ctx: PredictContext) -> RunningSlide:
+    """Stream the prepared slide through the model into the writers (left open for
+    :func:`finish_slide`); on failure everything is dropped and the slide closed."""
+    from histotile.engine import EngineStats, run_inference  # engine imports torch
+
+    slide, grid, timer = prepared.slide, prepared.grid, prepared.timer
+    try:
+        card = ctx.model.card
+        names, colors = card.class_names, card.class_colors
+        seed = Path(str(slide.path)).name
+        attrs = {**grid.to_attrs(), "model": card.name, "slide": str(slide.path)}
+        heat = HeatmapWriter(tmp_dir / "heatmap.ome.zarr", grid.grid_shape, grid.indices, names,
+                             colors, attrs)
+    except BaseException:
+        prepared.close()
+        raise
+    extra_cols = ["gradcam_mean"] if ctx.options.gradcam else []
+    table = geo = stitcher = bar = None
+    try:
+        table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0,
+                                     extra_columns=extra_cols, status_column=True)
+        geo = GeoJSONTileWriter(tmp_dir / (TILES_PLAIN if ctx.options.geojson_plain
+                                           else TILES_GZ),
+                                names, colors, object_type=ctx.options.qupath_object_type,
+                                min_prob=ctx.options.qupath_min_prob,
+                                gzip=not ctx.options.geojson_plain, id_seed=seed)
+        stitcher, explain = (_gradcam_parts(heat, grid, ctx) if ctx.options.gradcam else
+                             _attention_parts(heat, grid, ctx) if ctx.options.attention else
+                             (None, None))
+        running = RunningSlide(prepared, tmp_dir, heat, table, geo, stitcher, EngineStats(),
+                               np.full(len(grid), -1, np.int32),  # argmax, for the overlay
+                               ConfidenceTracker(len(grid)),  # unreadable patches stay NaN
+                               ctx.environment())  # torch's thread count, in this thread
+        bar = progress_bar(len(grid), ctx.options.progress, seed)
+        for idx, coords, probs, *maps in run_inference(
+                slide.spec, grid, prepared.regions, ctx.model, ctx.model.device,
+                batch_size=ctx.options.batch_size, workers=ctx.options.workers,
+                stain=prepared.stain, stats=running.stats,
+                on_batch=bar.update if bar is not None else None, explain=explain,
+                plan=ctx.compute):
+            timer.first_batch()
+            running.labels[idx] = probs.argmax(axis=1)
+            running.confidence.add(idx, probs)
+            extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and ctx.options.gradcam
+                     else None)
+            with timer("stitch"):
+                heat.write(grid.indices[idx], probs)
+                if stitcher is not None:
+                    stitcher.add(grid.indices[idx], maps[0])
+            with timer("export"):
+                table.write(coords, probs, extra=extra)
+                geo.write(coords, probs, grid.patch_size_level0, extra=extra)
+    except BaseException:
+        for w in (heat, table, geo):
+            with contextlib.suppress(Exception):
+                if w is not None:
+                    w.abort()
+        _drop_cam_scratch(stitcher)
+        prepared.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return running
+
+
+def finish_slide(running: RunningSlide, ctx: PredictContext) -> dict[str, Any]:
+    """Close the writers (pyramids), write the other outputs and the pictures, close the slide;
+    returns run info. On failure everything is dropped."""
+    prepared, stats, tmp_dir = running.prepared, running.stats, running.tmp_dir
+    slide, grid, tissue, timer = prepared.slide, prepared.grid, prepared.tissue, prepared.timer
+    heat, table, geo, stitcher = running.heat, running.table, running.geo, running.stitcher
+    seed = Path(str(slide.path)).name
+    try:
+        bad = sorted(set(stats.unreadable))
+        extra_info = {"unreadable": unreadable_info(grid, bad, tissue,
+                                                    ctx.options.max_unreadable, str(slide.path))}
+        with timer("stitch"):
+            heat.mark_unreadable(grid.indices[bad])
+            if stitcher is not None:
+                stitcher.close()  # before the writer builds the pyramids
+            heat.close()
+        with timer("export"):
+            table.write_unreadable(grid.coords[bad])
+            table.close()
+            geo.close()
+            extra_info.update(_extra_outputs(tmp_dir, tissue, ctx, seed, stitcher, geo))
+            extra_info.update(_pictures(tmp_dir, seed, tissue, grid, running.labels,
+                                        running.confidence, ctx))
         write_tissue_geojson(tmp_dir / "tissue.geojson", tissue.mask, tissue.downsample,
-                             id_seed=Path(item).name)  # editable in QuPath, --tissue-mask
+                             id_seed=prepared.item.name)  # editable in QuPath, --tissue-mask
         slide_info = slide.info()
+    except BaseException:
+        running.abort()
+        raise
+    prepared.close()
     timer.add("read", stats.read_s)
     timer.add("stain", stats.stain_s)
     timer.add("model", stats.model_s)
     return {
-        **environment(ctx),
-        "kind": "slide", "patches": len(grid), "regions": len(regions),
+        **running.environment,
+        "kind": "slide", "patches": len(grid), "regions": len(prepared.regions),
         "model": ctx.model.describe(),
         "mpp": {"slide_mpp": grid.slide_mpp, "source": grid.mpp_source,
                 "target_mpp": grid.target_mpp, "effective_mpp": grid.effective_mpp,
@@ -139,7 +284,7 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
                    "mask_mpp": tissue.mpp, "mask_shape": list(tissue.mask.shape),
                    "illumination": tissue.illumination.to_dict()
                    if tissue.illumination is not None else None, **tissue_info(tissue)},
-        "stain": stain_info,
+        "stain": prepared.stain_info,
         "settings": {"batch_size": ctx.options.batch_size, "workers": ctx.effective_workers(),
                      "min_tissue": ctx.options.min_tissue, "overlap": ctx.options.overlap,
                      "backend": slide_info.get("backend"),
@@ -154,79 +299,6 @@ def predict_slide(item: Path, tmp_dir: Path, ctx: PredictContext) -> dict[str, A
         **extra_info,
         "files": sorted([p.name for p in tmp_dir.iterdir()] + ["run.json"]),
     }
-
-
-def _run_slide(slide: Slide, grid: PatchGrid, regions: list[Region], tissue: TissueMask,
-               stain: StainStep | None, tmp_dir: Path, ctx: PredictContext, timer: StageTimer
-               ) -> tuple[EngineStats, dict[str, Any]]:
-    """Stream the slide through the model into the writers; returns (engine stats, run info)."""
-    from histotile.engine import EngineStats, run_inference  # engine imports torch
-
-
-    card = ctx.model.card
-    names, colors = card.class_names, card.class_colors
-    seed = Path(str(slide.path)).name
-    attrs = {**grid.to_attrs(), "model": card.name, "slide": str(slide.path)}
-    stats = EngineStats()
-    heat = HeatmapWriter(tmp_dir / "heatmap.ome.zarr", grid.grid_shape, grid.indices, names,
-                         colors, attrs)
-    extra_cols = ["gradcam_mean"] if ctx.options.gradcam else []
-    table = PredictionsCSVWriter(tmp_dir / "predictions.csv", names, grid.patch_size_level0,
-                                 extra_columns=extra_cols, status_column=True)
-    geo = GeoJSONTileWriter(tmp_dir / (TILES_PLAIN if ctx.options.geojson_plain else TILES_GZ),
-                            names, colors, object_type=ctx.options.qupath_object_type,
-                            min_prob=ctx.options.qupath_min_prob,
-                            gzip=not ctx.options.geojson_plain,
-                            id_seed=seed)
-    writers: list[Any] = [heat, table, geo]
-    stitcher, explain = (_gradcam_parts(heat, grid, ctx) if ctx.options.gradcam else
-                         _attention_parts(heat, grid, ctx) if ctx.options.attention else
-                         (None, None))
-    labels = np.full(len(grid), -1, np.int32)  # argmax per patch, for the overlay
-    confidence = ConfidenceTracker(len(grid))  # unreadable patches stay NaN
-    bar = progress_bar(len(grid), ctx.options.progress, seed)
-    try:
-        for idx, coords, probs, *maps in run_inference(
-                slide.spec, grid, regions, ctx.model, ctx.model.device,
-                batch_size=ctx.options.batch_size, workers=ctx.options.workers, stain=stain,
-                stats=stats, on_batch=bar.update if bar is not None else None,
-                explain=explain, plan=ctx.compute):
-            timer.first_batch()
-            labels[idx] = probs.argmax(axis=1)
-            confidence.add(idx, probs)
-            extra = ({"gradcam_mean": maps[0].mean(axis=(1, 2))} if maps and ctx.options.gradcam
-                     else None)
-            with timer("stitch"):
-                heat.write(grid.indices[idx], probs)
-                if stitcher is not None:
-                    stitcher.add(grid.indices[idx], maps[0])
-            with timer("export"):
-                table.write(coords, probs, extra=extra)
-                geo.write(coords, probs, grid.patch_size_level0, extra=extra)
-        bad = sorted(set(stats.unreadable))
-        info = {"unreadable": unreadable_info(grid, bad, tissue, ctx.options.max_unreadable,
-                                              str(slide.path))}
-        with timer("stitch"):
-            heat.mark_unreadable(grid.indices[bad])
-            if stitcher is not None:
-                stitcher.close()  # before the writer builds the pyramids
-            heat.close()
-        with timer("export"):
-            table.write_unreadable(grid.coords[bad])
-            table.close()
-            geo.close()
-            info.update(_extra_outputs(tmp_dir, tissue, ctx, seed, stitcher, geo))
-            info.update(_pictures(tmp_dir, seed, tissue, grid, labels, confidence, ctx))
-    except BaseException:
-        for w in writers:
-            with contextlib.suppress(Exception):
-                w.abort()
-        _drop_cam_scratch(stitcher)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return stats, info
 
 
 def default_cam_resolution(patch_size_level0: Level0Side) -> Level0Px:
