@@ -51,7 +51,7 @@ class PredictContext:
         """run.json's versions, device, threads and command: the same for every item of the
         process, so found once (after ``compute`` is set: torch's thread count is in it)."""
         if self._environment is None or self.compute is None:
-            self._environment = environment(self)
+            self._environment = environment(self.model.device, self.options.command)
         return dict(self._environment)
 
     def compute_info(self) -> dict[str, int] | None:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from histotile import __version__
 
 if TYPE_CHECKING:
+    import torch
+
     from histotile.batch import BatchSummary
-    from histotile.inference.context import PredictContext
 
 
 def process_age() -> float | None:
@@ -116,13 +117,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment(ctx: PredictContext) -> dict[str, Any]:
-    """Versions, device, threads and the command line, for run.json."""
+def environment(dev: torch.device, command: str | None) -> dict[str, Any]:
+    """Versions, device ``dev``, this thread's torch threads and the command line, for
+    run.json."""
     import torch
 
-    dev = ctx.model.device
     info: dict[str, Any] = {"histotile_version": __version__, "git_commit": git_commit(),
-                            "command": ctx.options.command, "torch_version": torch.__version__,
+                            "command": command, "torch_version": torch.__version__,
                             "device": str(dev), "torch_threads": torch.get_num_threads()}
     if dev.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(dev)
