@@ -186,7 +186,7 @@ def model_alone(model_dir: Path, batch_size: int, seconds: float = 8.0) -> dict[
     """ResNet-18 forward (histotile's preprocess) on random 96 px uint8 batches, in a fresh
     process, two ways: one pass at a time with all torch threads (how the anchors run it) and
     histotile's CPU plan (``engine.compute_plan``: concurrent single-threaded streams). Also
-    the time a fresh process takes to import torch/torchvision and load the weights."""
+    the time a fresh process takes to import torch and load the weights."""
     code = f"""
 import json, threading, time, torch
 t0 = time.perf_counter()
@@ -354,6 +354,7 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             names += sorted({s for r in runs for s in r["timings"]} - set(names))
             rows[tool]["stages"] = {s: statistics.median(r["timings"].get(s, 0.0) for r in runs)
                                     for s in names}
+            rows[tool]["slides"] = runs[-1].get("slides", 1)
             for key in ("model_load_s", "wait_s"):
                 rows[tool][key] = statistics.median(r["engine"].get(key, 0.0) for r in runs)
     return rows
@@ -377,18 +378,32 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 def stage_table(row: dict[str, Any], alone: dict[str, Any]) -> str:
     """histotile's own stage timings (run.json), and its overhead beyond the model alone."""
-    stages = row["stages"]
+    marks = {k: row["stages"][k] for k in ("first_batch_s", "first_batch_cpu_s")
+             if k in row["stages"]}
+    stages = {k: v for k, v in row["stages"].items() if k not in marks}
     wall = row["wall_s"]
-    lines = ["| histotile stage (run.json) | s (median) | share of wall |", "|---|---:|---:|"]
+    cohort = row.get("slides", 1) > 1
+    lines = ["| histotile stage (run.json" + (", summed over slides" if cohort else "")
+             + ") | s (median) | share of wall |", "|---|---:|---:|"]
     for s, sec in stages.items():
         note = " (reader thread, overlaps model)" if s == "read" else ""
         lines.append(f"| {s}{note} | {sec:.2f} | {sec / wall:.0%} |")
     serial = sum(sec for s, sec in stages.items() if s != "read")
-    lines.append(f"| process start, imports, rest (wall − serial stages) | {wall - serial:.2f} | "
-                 f"{(wall - serial) / wall:.0%} |")
+    if not cohort:
+        lines.append(f"| process start, imports, rest (wall − serial stages) | "
+                     f"{wall - serial:.2f} | {(wall - serial) / wall:.0%} |")
+    if "first_batch_s" in marks:
+        lines.append(f"\nProcess start to the first batch's probabilities: "
+                     f"{marks['first_batch_s']:.2f} s wall, "
+                     f"{marks.get('first_batch_cpu_s', float('nan')):.2f} s CPU (run.json "
+                     "`timings.first_batch_s`, first slide of the process).")
+    if cohort:
+        lines.append("\nIn a folder the next slide's open, tissue and stain fit and the previous "
+                     "slide's export run in background threads beside the model, so the stages "
+                     "overlap and do not add up to the wall time.")
     lines.append(f"\nThe model stage includes loading the weights ({row['model_load_s']:.2f} s), "
                  f"and the model waited {row.get('wait_s', 0.0):.2f} s for patches in all; `read` "
-                 "runs in a reader thread beside the model (on 2 cores the two share the CPU).")
+                 "runs beside the model (on 2 cores the two share the CPU).")
     if "patches_per_s" in alone:
         pure = row["patches"] / alone["patches_per_s"]
         over = wall - pure
@@ -405,7 +420,7 @@ def stage_table(row: dict[str, Any], alone: dict[str, Any]) -> str:
         if "startup_s" in alone:
             fixed = alone["startup_s"]
             lines.append(f"\nOf that overhead, {fixed:.1f} s is paid once per process: a fresh "
-                         f"interpreter importing torch + torchvision and loading the weights, "
+                         f"interpreter importing torch and loading the weights, "
                          f"then exiting (`import histotile.cli` alone: "
                          f"{alone.get('bare_start_s', float('nan')):.1f} s); the remaining "
                          f"{over - fixed:.1f} s ({(over - fixed) / pure:.0%} of the model's "
