@@ -2,7 +2,7 @@
 
 Data path (one slide)::
 
-    RegionDataset[i]  (worker: own slide handle, reads one tile-aligned region, slices its
+    RegionDataset[i]  (reader: own slide handle, reads one tile-aligned region, slices its
           │            patches, applies the slide's stain fit)  -> (idx, uint8 (n,P,P,3))
     rebatch()          variable-size regions -> fixed ``batch_size`` uint8 batches (pinned on CUDA)
     classify()         non-blocking copy, mean/std on the device, channels_last, autocast
@@ -11,11 +11,11 @@ Data path (one slide)::
           │
           ▼  (idx, coords, probs float32)   consumed chunk by chunk by the stitcher/exporters
 
-Reading overlaps compute: with ``workers >= 1`` a torch ``DataLoader`` (``batch_size=None``, one
-item per region) reads in worker processes; each opens its own slide handle lazily, keyed by
-pid, so no handle crosses a fork. With ``workers = 0`` a background *thread* reads ahead
-(OpenSlide, JPEG decoding, resizing and torch ops release the GIL), so there is still overlap
-without a process fork.
+Reading overlaps compute: with ``workers >= 1`` the process's reader pool
+(:mod:`histotile.readers`: started once, reused by every slide, a bounded window of regions in
+flight, results in region order) reads in worker processes, each with its own slide handles.
+With ``workers = 0`` a background *thread* reads ahead (OpenSlide, JPEG decoding, resizing and
+torch ops release the GIL), so there is still overlap without a process.
 
 Default reader count (``default_workers``): on CUDA ``min(8, cpus - 1)`` reader processes feed
 the GPU. On the CPU reading runs in one background thread (no process).
@@ -33,6 +33,7 @@ their own stream, non-blocking copies to and from pinned host buffers, an event 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import threading
@@ -44,6 +45,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import torch
 
+from histotile.readers import ReaderPool, RegionItem, RegionJob, read_region_item, shared_pool
+
 if TYPE_CHECKING:
     from histotile.grid import PatchGrid
     from histotile.inflight import AsyncDevice
@@ -54,6 +57,8 @@ if TYPE_CHECKING:
 
 #: what ``classify`` runs: a loaded model, or a zero-argument callable that loads it (lazily)
 ModelSource: TypeAlias = "LoadedModel | Callable[[], LoadedModel]"
+log = logging.getLogger(__name__)
+
 
 def cpu_count() -> int:
     """CPUs this process may use (affinity-aware)."""
@@ -119,6 +124,9 @@ class EngineStats:
     model_s: float = 0.0
     model_load_s: float = 0.0
     forward_s: float = 0.0
+    stream_s: float = 0.0  # wall time from the first region asked to the last batch handed on
+    reader_cpu_s: float = 0.0  # CPU seconds of reader processes (not threads) on the regions
+    cpu_s: float = 0.0  # CPU seconds of the stream: this process's (all threads) + reader_cpu_s
     streams: int = 1
     unreadable: list[int] = field(default_factory=list)  # grid rows that could not be decoded
 
@@ -144,24 +152,30 @@ class StainStep:
 
 
 # --------------------------------------------------------------------------- reading
-class RegionDataset(torch.utils.data.Dataset):
+class RegionDataset:
     """Item ``i`` = region ``i`` of the grid → ``(idx int64 (n,), uint8 (n,P,P,3), read_s,
-    stain_s, unreadable int64 (m,))``. The slide is opened lazily per process from
-    ``slide_spec``. A region with a damaged tile is read patch by patch; the patches that
-    still cannot be decoded are left out of ``idx`` and listed in ``unreadable``."""
+    stain_s, unreadable int64 (m,))`` (:func:`histotile.readers.read_region_item`). The slide
+    is opened lazily per process from ``slide_spec``. A region with a damaged tile is read patch
+    by patch; the patches that still cannot be decoded are left out of ``idx`` and listed in
+    ``unreadable``."""
 
     def __init__(self, slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Region],
                  stain: Callable[[np.ndarray], np.ndarray] | None = None,
                  reader: Callable[[Slide, PatchGrid, Region], tuple[np.ndarray, np.ndarray]]
                  | None = None,
                  ) -> None:
-        self.slide_spec = dict(slide_spec)
-        self.grid = grid
+        self.job = RegionJob(dict(slide_spec), grid, stain, reader)
         self.regions = regions
-        self.stain = stain
-        self.reader = reader
         self._slide: Slide | None = None
         self._pid = -1
+
+    @property
+    def slide_spec(self) -> dict[str, Any]:
+        return self.job.slide_spec
+
+    @property
+    def grid(self) -> PatchGrid:
+        return self.job.grid
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -180,23 +194,8 @@ class RegionDataset(torch.utils.data.Dataset):
             self._slide.close()
         self._slide = None
 
-    def __getitem__(self, i: int
-                    ) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
-        t0 = time.perf_counter()
-        failed: list[int] = []
-        if self.reader is None:
-            from histotile.patches import read_region_patches
-
-            idx, patches = read_region_patches(self.slide(), self.grid, self.regions[i],
-                                               unreadable=failed)
-        else:
-            idx, patches = self.reader(self.slide(), self.grid, self.regions[i])
-        t1 = time.perf_counter()
-        if self.stain is not None and len(idx):
-            patches = self.stain(patches)
-        t2 = time.perf_counter()
-        return (np.asarray(idx, dtype=np.int64), np.ascontiguousarray(patches, dtype=np.uint8),
-                t1 - t0, t2 - t1, np.asarray(failed, dtype=np.int64))
+    def __getitem__(self, i: int) -> RegionItem:
+        return read_region_item(self.slide(), self.job, self.regions[i])
 
 
 def _thread_prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -235,23 +234,30 @@ def _thread_prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
                 q.get(timeout=0.05)
 
 
-def iter_regions(dataset: RegionDataset, workers: int) -> Iterator[tuple[Any, ...]]:
-    """Regions in reading order: a ``DataLoader`` with ``workers`` processes, or a thread."""
-    if workers <= 0:
-        def serial() -> Iterator[tuple[Any, ...]]:
+def iter_regions(dataset: RegionDataset, workers: int,
+                 pool: ReaderPool | None = None) -> Iterator[RegionItem]:
+    """Regions in reading order: from ``workers`` reader processes (``pool``, default this
+    process's :func:`histotile.readers.shared_pool`, which outlives the slide), or, with
+    ``workers`` 0, from a background thread."""
+    if workers >= 1 or pool is not None:
+        if pool is None:
             try:
-                for i in range(len(dataset)):
-                    yield dataset[i]
-            finally:
-                dataset.close()
+                pool = shared_pool(workers)
+            except AssertionError as exc:  # "daemonic processes are not allowed to have children"
+                log.warning("reader processes cannot start here (%s); reading in a thread", exc)
+                pool = None
+        if pool is not None:
+            yield from pool.map(dataset.job, dataset.regions)
+            return
 
-        yield from _thread_prefetch(serial())
-        return
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers,
-        prefetch_factor=2, persistent_workers=False,
-    )
-    yield from loader
+    def serial() -> Iterator[RegionItem]:
+        try:
+            for i in range(len(dataset)):
+                yield dataset[i]
+        finally:
+            dataset.close()
+
+    yield from _thread_prefetch(serial())
 
 
 def rebatch(regions: Iterable[tuple[Any, ...]], batch_size: int, pin: bool = False,
@@ -276,6 +282,8 @@ def rebatch(regions: Iterable[tuple[Any, ...]], batch_size: int, pin: bool = Fal
                 stats.stain_s += float(item[3])
             if len(item) >= 5:
                 stats.unreadable.extend(int(v) for v in item[4])
+            if len(item) >= 6:
+                stats.reader_cpu_s += float(item[5])
         if not ring and len(idx):
             shape = (batch_size, *patches.shape[1:])
             ring = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
@@ -499,6 +507,9 @@ def run_inference(slide_spec: dict[str, Any], grid: PatchGrid, regions: list[Reg
     batches = rebatch(regions_it, batch_size, pin=device.type == "cuda", stats=stats,
                       buffers=batches_in_flight(device, plan, explain) + 1)
     coords = np.asarray(grid.coords)
+    t0, cpu0, reader_cpu0 = time.perf_counter(), time.process_time(), stats.reader_cpu_s
     for idx, *out in classify(batches, model, device, stats=stats, on_batch=on_batch,
                               explain=explain, plan=plan):
         yield (idx, coords[idx], *out)
+    stats.stream_s += time.perf_counter() - t0
+    stats.cpu_s += time.process_time() - cpu0 + stats.reader_cpu_s - reader_cpu0

@@ -359,9 +359,12 @@ class Slide:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         lx, ly = level0_to_level(loc[0], ds), level0_to_level(loc[1], ds)
-        out = np.full((size[1], size[0], 3), 255, np.uint8)
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + size[0], lw), min(ly + size[1], lh)
+        inside = (x0, y0, x1, y1) == (lx, ly, lx + size[0], ly + size[1])
+        # a region inside the level is overwritten whole by the read: no white fill needed
+        out = (np.empty((size[1], size[0], 3), np.uint8) if inside
+               else np.full((size[1], size[0], 3), 255, np.uint8))
         if x1 <= x0 or y1 <= y0:
             return out
         if self._pixels is not None:

@@ -132,7 +132,17 @@ class Preprocessing:
                 "tile at the model's patch size or pick a model made for this size",
                 subject=subject)
         dev = torch.device(device) if device is not None else batch.device
-        x = batch.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        x = batch.to(dev, non_blocking=True)
+        if dev.type == "cpu" and x.is_contiguous() and x.numel() % 384 == 0:
+            # the same three IEEE operations per value, on rows of 128 pixels: torch's CPU
+            # kernels do not vectorise a broadcast over an innermost dimension of 3 (10x slower)
+            out = torch.empty(x.shape, dtype=torch.float32)
+            flat = out.view(-1, 384)
+            flat.copy_(x.view(-1, 384)).div_(255.0)
+            flat.sub_(torch.tensor(self.mean, dtype=torch.float32).repeat(128))
+            flat.div_(torch.tensor(self.std, dtype=torch.float32).repeat(128))
+            return out.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=dev).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
