@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histotile.errors import TooMuchUnreadableError, UnreadableRegionError
-from histotile.resample import resize_patch
+from histotile.resample import resize_cells, resize_patch
 from histotile.slide import level_to_level0
 from histotile.units import Level0Px, LevelPx
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from histotile.tissue import TissueMask
 
 log = logging.getLogger(__name__)
+#: a region is shrunk in one call when its lattice cells are at most this many per patch
+#: (else the patches are shrunk one by one: little tissue in a big bounding box)
+CELLS_PER_PATCH = 1.5
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,20 @@ def read_region_patches(slide: Slide, grid: PatchGrid, region: Region,
             raise
         return _read_one_by_one(slide, grid, region.idx, unreadable)
     psl, size = grid.patch_size_level, grid.patch_size
-    out = np.empty((len(region), size, size, 3), np.uint8)
     xy = grid.level_coords()[region.idx]
-    for k, (lx, ly) in enumerate(xy):
-        dx, dy = int(lx) - region.x, int(ly) - region.y
-        out[k] = resize_patch(pixels[dy:dy + psl, dx:dx + psl], size)
+    dx, dy = xy[:, 0] - int(region.x), xy[:, 1] - int(region.y)
+    rows, cols = -(-int(region.h) // psl), -(-int(region.w) // psl)
+    if (size < psl and not (dx % psl).any() and not (dy % psl).any()
+            and rows * cols <= CELLS_PER_PATCH * len(region)):
+        # patches on one lattice (no overlap) filling most of the region: one resize call
+        cells = resize_cells(pixels[:rows * psl, :cols * psl], psl, size)
+        cells = cells.reshape(rows, size, cols, size, 3)
+        return region.idx, np.ascontiguousarray(
+            cells[dy // psl, :, dx // psl].reshape(len(region), size, size, 3))
+    out = np.empty((len(region), size, size, 3), np.uint8)
+    for k in range(len(region)):
+        x, y = int(dx[k]), int(dy[k])
+        out[k] = resize_patch(pixels[y:y + psl, x:x + psl], size)
     return region.idx, out
 
 

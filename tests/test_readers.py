@@ -122,3 +122,19 @@ def test_reader_pool_names_a_dead_reader_process(cmu) -> None:
     spec, grid, regions = cmu
     with ReaderPool(1) as pool, pytest.raises(ReaderProcessError, match="exit code 3"):
         list(pool.map(RegionJob(spec, grid, reader=_dying_reader), regions))
+
+
+def test_region_read_in_one_resize_equals_single_patch_reads(cmu_small: Path) -> None:
+    from histotile.patches import CELLS_PER_PATCH, read_patch, read_region_patches
+
+    with open_slide(cmu_small) as slide:
+        grid = make_grid(slide, 28, target_mpp=2.0)  # every patch: regions are full lattices
+        regions = plan_regions(grid, slide, region_size=256)
+        psl = grid.patch_size_level
+        full = [r for r in regions
+                if -(-r.w // psl) * -(-r.h // psl) <= CELLS_PER_PATCH * len(r)]
+        assert len(full) > 3
+        for region in full[:4]:
+            idx, patches = read_region_patches(slide, grid, region)
+            for k in range(len(idx)):
+                np.testing.assert_array_equal(patches[k], read_patch(slide, grid, int(idx[k])))

@@ -55,3 +55,19 @@ def test_resize_patch_same_size_and_enlarging():
     assert (resize_patch(patch, 8) == patch).all()
     big = resize_patch(np.full((8, 8, 3), 77, np.uint8), 20)
     assert big.shape == (20, 20, 3) and (big == 77).all()
+
+
+@pytest.mark.parametrize(("cell", "size"), [(187, 96), (448, 224), (96, 28), (50, 23), (37, 16)])
+def test_resize_cells_gives_each_cell_its_own_area_average(cell, size):
+    from histotile.resample import resize_cells
+
+    rng = np.random.default_rng(cell)
+    rows, cols = 3, 4
+    block = rng.integers(0, 256, (rows * cell, cols * cell, 3), dtype=np.uint8)
+    out = resize_cells(block, cell, size)
+    assert out.shape == (rows * size, cols * size, 3)
+    for i in range(rows):
+        for j in range(cols):
+            alone = resize_patch(block[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell], size)
+            np.testing.assert_array_equal(
+                out[i * size:(i + 1) * size, j * size:(j + 1) * size], alone)
