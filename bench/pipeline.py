@@ -127,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="runs per worker count (best kept)")
     ap.add_argument("--model-dir", type=Path, default=None,
                     help="where to write the null model (default: a temporary folder)")
+    ap.add_argument("--model", default=None,
+                    help="run this model instead of the null one (e.g. to choose the CPU "
+                         "reader default with a real network)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     if not args.slide.is_file():
         raise SystemExit(f"{args.slide}: no such slide (bench/make_slide.py builds one)")
     counts = [None if w.strip() == "default" else int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="histotile-pipeline-") as tmp:
-        model = write_null_model(args.model_dir or Path(tmp) / "model")
+        model = (Path(args.model) if args.model is not None
+                 else write_null_model(args.model_dir or Path(tmp) / "model"))
         rows = []
         for w in counts:
             runs = [run_once(args.slide, model, Path(tmp) / "out", w, args.device,
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             best["runs"] = [r["stream_patches_per_s"] for r in runs]
             rows.append(best)
             _print_row(best, header=len(rows) == 1)
-    result = {"slide": str(args.slide), "device": args.device, "batch_size": args.batch_size,
+    result = {"slide": str(args.slide), "model": args.model or NULL_NAME,
+              "device": args.device, "batch_size": args.batch_size,
               "min_tissue": args.min_tissue, "stain_norm": args.stain_norm,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()},
