@@ -21,7 +21,6 @@ import atexit
 import itertools
 import logging
 import multiprocessing as mp
-import os
 import queue
 import threading
 import time
@@ -89,13 +88,13 @@ def _spec_key(spec: dict[str, Any]) -> tuple[Any, ...]:
 
 def _worker_main(tasks: Any, results: Any, control: Any) -> None:
     """A reader process: take tasks until ``None``; job descriptions arrive on ``control``."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import cv2
+    import sys
 
-        cv2.setNumThreads(1)  # one core per reader process
-    except ImportError:  # pragma: no cover - a dependency
-        pass
+    import cv2
+
+    cv2.setNumThreads(1)  # one core per reader process
+    if "torch" in sys.modules:  # forked from a process that uses torch: no OpenMP pool here
+        sys.modules["torch"].set_num_threads(1)
     jobs: OrderedDict[int, RegionJob] = OrderedDict()
     slides: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
     try:
