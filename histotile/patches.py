@@ -2,7 +2,7 @@
 
 A patch always equals ``resize_patch(slide.read_region(coords, level, (psl, psl)), P)`` with
 ``psl = grid.patch_size_level``; reading 2048^2 regions and slicing them is just much faster
-than one ``read_region`` per patch. :class:`Region` is small and picklable, so DataLoader
+than one ``read_region`` per patch. :class:`Region` is small and picklable, so reader
 workers can receive regions and read them from their own ``open_slide(**slide.spec)``.
 """
 
