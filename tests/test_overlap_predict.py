@@ -21,7 +21,8 @@ from histotile.options import PredictOptions
 
 # run.json fields that say when, where and how long, not what
 VOLATILE = {"started", "finished", "seconds", "host", "timings"}
-ENGINE_SECONDS = {"read_s", "stain_s", "wait_s", "model_s", "model_load_s", "forward_s"}
+ENGINE_SECONDS = {"read_s", "stain_s", "wait_s", "model_s", "model_load_s", "forward_s", "stream_s",
+                  "reader_cpu_s", "cpu_s"}
 
 
 @pytest.fixture(scope="module")
