@@ -96,7 +96,7 @@ def read_region_patches(slide: Slide, grid: PatchGrid, region: Region,
         if unreadable is None:
             raise
         return _read_one_by_one(slide, grid, region.idx, unreadable)
-    psl, size = grid.patch_size_level, grid.patch_size
+    psl, size = int(grid.patch_size_level), grid.patch_size
     xy = grid.level_coords()[region.idx]
     dx, dy = xy[:, 0] - int(region.x), xy[:, 1] - int(region.y)
     rows, cols = -(-int(region.h) // psl), -(-int(region.w) // psl)
