@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 SLIDES_PER_WORKER = 2  # open handles a worker keeps (the current slide and the one before)
 JOBS_PER_WORKER = 4  # job descriptions a worker keeps
 POLL_S = 0.5  # how often a waiting consumer checks that the workers are alive
+#: how reader processes start: from a clean server process, not by forking this one (a fork
+#: copies OpenCV's and OpenMP's thread-pool state without their threads, and a forked reader
+#: hung in ``cv2.setNumThreads`` once the parent had resized or detected tissue with OpenCV).
+#: The server costs one interpreter start per pool, and the pool lives across slides.
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 #: one region read: (idx int64 (n,), uint8 (n, P, P, 3), read_s, stain_s, unreadable int64 (m,));
 #: from a reader process a sixth value follows: the CPU seconds that process spent on it
@@ -88,12 +93,15 @@ def _spec_key(spec: dict[str, Any]) -> tuple[Any, ...]:
 
 def _worker_main(tasks: Any, results: Any, control: Any) -> None:
     """A reader process: take tasks until ``None``; job descriptions arrive on ``control``."""
+    import os
     import sys
 
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"  # one core per reader process, also for torch imported later
     import cv2
 
-    cv2.setNumThreads(1)  # one core per reader process
-    if "torch" in sys.modules:  # forked from a process that uses torch: no OpenMP pool here
+    cv2.setNumThreads(1)
+    if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     jobs: OrderedDict[int, RegionJob] = OrderedDict()
     slides: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
@@ -164,7 +172,7 @@ class ReaderPool:
             raise ValueError("a reader pool needs at least one worker")
         self.workers = int(workers)
         self.window = max(1, int(window) if window is not None else 2 * self.workers + 2)
-        method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        method = start_method or START_METHOD
         ctx: Any = mp.get_context(method)
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()

@@ -138,3 +138,35 @@ def test_region_read_in_one_resize_equals_single_patch_reads(cmu_small: Path) ->
             idx, patches = read_region_patches(slide, grid, region)
             for k in range(len(idx)):
                 np.testing.assert_array_equal(patches[k], read_patch(slide, grid, int(idx[k])))
+
+
+def test_reader_pool_starts_after_opencv_ran_threads_in_the_parent(cmu_small: Path) -> None:
+    """Forked reader processes hung in ``cv2.setNumThreads(1)`` when the parent had already
+    run OpenCV's thread pool (tissue detection, the resampler): a forked child inherits the
+    pool's state but not its threads. Run in a fresh interpreter, with a time limit."""
+    import subprocess
+    import sys
+
+    code = f"""
+import cv2, numpy as np
+cv2.setNumThreads(2)
+img = np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.resize(img, (1531, 1531), interpolation=cv2.INTER_AREA)
+from histotile.grid import make_grid
+from histotile.patches import plan_regions
+from histotile.readers import ReaderPool, RegionJob
+from histotile.slide import open_slide
+with open_slide({str(cmu_small)!r}) as slide:
+    grid = make_grid(slide, 28, target_mpp=2.0)
+    regions = plan_regions(grid, slide, region_size=512)
+    spec = slide.spec
+with ReaderPool(2) as pool:
+    n = sum(len(item[0]) for item in pool.map(RegionJob(spec, grid), regions))
+print("read", n, len(grid))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    read, total = proc.stdout.split()[1:3]
+    assert int(read) == int(total) > 0
