@@ -196,19 +196,95 @@ def folder_identity(source: str | Path, extra_dirs: bool = False) -> dict[str, s
 def rasterize(geometry: Any, shape: tuple[int, int], downsample: float) -> np.ndarray:
     """Bool mask of ``shape`` (rows, cols) whose pixel covers level-0
     ``[c * downsample, (c + 1) * downsample)``: set when the pixel's centre is inside
-    ``geometry`` (level-0 pixels). Rings are filled even-odd, so holes stay holes."""
-    from skimage.draw import polygon as fill
+    ``geometry`` (level-0 pixels) or exactly on a ring of it. Rings are filled even-odd, so
+    holes stay holes.
 
+    Inside is the crossing test (a pixel centre is inside when an odd number of edges that
+    span its row half-open, ``y0 <= y < y1``, cross the row to its right), evaluated per row
+    for all edges at once, so the cost grows with the outline's length plus the mask's size,
+    not their product: a per-pixel test over every vertex (what this replaced) took ~6 s on
+    the tissue outline of a 20,000² slide; this takes milliseconds for the same pixels.
+    """
     mask = np.zeros(shape, bool)
     if geometry is None or geometry.is_empty:
         return mask
     polys = list(geometry.geoms) if hasattr(geometry, "geoms") else [geometry]
-    for poly in polys:
-        if poly.geom_type != "Polygon":
-            continue
-        for ring in [poly.exterior, *poly.interiors]:
-            xy = np.asarray(ring.coords, np.float64)
-            cols, rows = xy[:, 0] / downsample - 0.5, xy[:, 1] / downsample - 0.5
-            rr, cc = fill(rows, cols, shape)
-            mask[rr, cc] ^= True
-    return mask
+    rings = [(np.asarray(ring.coords, np.float64) / downsample) - 0.5 for poly in polys
+             if poly.geom_type == "Polygon" for ring in [poly.exterior, *poly.interiors]]
+    rows, cols = shape
+    if not rings or rows == 0 or cols == 0:
+        return mask
+    edges = [_edges(r) for r in rings]
+    inside = _crossings_fill(np.concatenate(edges, axis=1), shape)
+    for e in edges:  # a centre on a ring's outline belongs to that ring's fill
+        py, px = _on_outline(e, shape)
+        if len(py):
+            outside_ring = _crossing_parity(e, py, px) == 0
+            inside[py[outside_ring], px[outside_ring]] ^= True
+    return inside
+
+
+def _edges(ring: np.ndarray) -> np.ndarray:
+    """(4, n) array xi, yi, xj, yj: edge k runs from vertex k to the vertex before it."""
+    return np.stack([ring[:, 0], ring[:, 1], np.roll(ring[:, 0], 1), np.roll(ring[:, 1], 1)])
+
+
+def _crossing_x(e: np.ndarray, y: np.ndarray) -> np.ndarray:
+    xi, yi, xj, yj = e
+    return (xj - xi) * (y - yi) / (yj - yi) + xi
+
+
+def _crossings_fill(e: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Even-odd fill of the edges ``e`` at integer pixel centres (crossing test, all rows)."""
+    rows, cols = shape
+    lo, hi = np.minimum(e[1], e[3]), np.maximum(e[1], e[3])
+    first = np.maximum(np.ceil(lo), 0).astype(np.int64)  # integer rows with lo <= y < hi
+    span = np.maximum(np.minimum(np.ceil(hi), rows).astype(np.int64) - first, 0)
+    edge = np.repeat(np.arange(len(span)), span)
+    y = np.repeat(first, span) + np.arange(len(edge)) - np.repeat(np.cumsum(span) - span, span)
+    last = np.ceil(_crossing_x(e[:, edge], y.astype(np.float64))) - 1  # columns x < crossing
+    keep = last >= 0
+    marks = np.zeros(shape, np.int32)
+    np.add.at(marks, (y[keep], np.minimum(last[keep], cols - 1).astype(np.int64)), 1)
+    return (np.cumsum(marks[:, ::-1], axis=1)[:, ::-1] & 1).astype(bool)
+
+
+def _crossing_parity(e: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """The crossing test's parity of each point (py, px) against the edges ``e`` alone."""
+    y = py[:, None].astype(np.float64)
+    lo, hi = np.minimum(e[1], e[3])[None], np.maximum(e[1], e[3])[None]
+    spans = (lo <= y) & (y < hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        right = px[:, None] < _crossing_x(e[:, None, :], y)
+    return np.count_nonzero(spans & right, axis=1) & 1
+
+
+def _on_outline(e: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Integer pixel centres (rows, cols) inside ``shape`` that lie exactly on an edge."""
+    rows, cols = shape
+    xi, yi, xj, yj = e
+    flat = yi == yj
+    # sloped edges: the rows they touch, where the edge's x there is a whole column
+    lo, hi = np.minimum(yi, yj), np.maximum(yi, yj)
+    first = np.maximum(np.ceil(lo), 0).astype(np.int64)
+    span = np.where(flat, 0, np.maximum(np.minimum(np.floor(hi), rows - 1).astype(np.int64)
+                                        - first + 1, 0))
+    edge = np.repeat(np.arange(len(span)), span)
+    y = (np.repeat(first, span) + np.arange(len(edge))
+         - np.repeat(np.cumsum(span) - span, span)).astype(np.float64)
+    x = np.round(xi[edge] + (xj[edge] - xi[edge]) * (y - yi[edge]) / (yj[edge] - yi[edge]))
+    on = ((xj[edge] - xi[edge]) * (y - yi[edge]) == (yj[edge] - yi[edge]) * (x - xi[edge])) \
+        & (x >= np.minimum(xi[edge], xj[edge])) & (x <= np.maximum(xi[edge], xj[edge])) \
+        & (x >= 0) & (x < cols)
+    py, px = [y[on].astype(np.int64)], [x[on].astype(np.int64)]
+    # horizontal edges on a whole row: every whole column between their ends
+    for k in np.flatnonzero(flat & (yi == np.round(yi)) & (yi >= 0) & (yi < rows)):
+        c0 = max(int(np.ceil(min(xi[k], xj[k]))), 0)
+        c1 = min(int(np.floor(max(xi[k], xj[k]))), cols - 1)
+        if c1 >= c0:
+            px.append(np.arange(c0, c1 + 1))
+            py.append(np.full(c1 - c0 + 1, int(yi[k])))
+    if len(py) == 1 and not len(py[0]):
+        return py[0], px[0]
+    points = np.unique(np.stack([np.concatenate(py), np.concatenate(px)], axis=1), axis=0)
+    return points[:, 0], points[:, 1]
