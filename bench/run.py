@@ -536,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         print("quick mode: histotile only (anchors not installed or not asked for)")
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = {"date": started, "machine": machine(), "commit": git_commit(),
-              "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None
-                                                           else argv),
+              "command": "python bench/run.py " + shlex.join(sys.argv[1:] if argv is None
+                                                            else argv),
               "slide": str(args.slide), **args.slide_facts,
               "wsinfer_effective_mpp": wsinfer_mpp(args), "batch_size": args.batch_size}
     print(json.dumps(header, indent=1))
