@@ -166,6 +166,19 @@ def cmu_grid(slide_path: Path, level: int | None = None) -> dict:
             "dimensions": dims, "attrs": grid.to_attrs()}
 
 
+def cmu_overlay_inputs(slide_path: Path) -> tuple[dict, np.ndarray, float, float]:
+    """What the overlay and export tests draw on: the grid (:func:`cmu_grid`), OpenSlide's
+    555 x 742 thumbnail of the real slide, its downsample and the slide's mpp."""
+    import openslide
+
+    grid = cmu_grid(slide_path)
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        thumb = np.asarray(slide.get_thumbnail((555, 742)).convert("RGB"))
+        downsample = slide.dimensions[0] / thumb.shape[1]
+        mpp = float(slide.properties["openslide.mpp-x"])
+    return grid, thumb, downsample, mpp
+
+
 def generated_probs(n: int, c: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).dirichlet(np.ones(c), n).astype(np.float32)
 

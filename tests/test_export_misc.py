@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import CLASSES, COLORS, cmu_grid, generated_probs, write_heatmap, write_result
+from helpers import (
+    CLASSES,
+    COLORS,
+    cmu_overlay_inputs,
+    generated_probs,
+    write_heatmap,
+    write_result,
+)
 
 from histotile.export.csv import PredictionsCSVWriter, read_predictions_csv
 from histotile.export.overlay import label_image, write_mask_png, write_overlay
@@ -16,13 +23,7 @@ from histotile.stitch import read_coverage, read_heatmap
 
 @pytest.fixture(scope="module")
 def cmu(cmu_small):
-    import openslide
-
-    grid = cmu_grid(cmu_small)
-    with openslide.OpenSlide(str(cmu_small)) as slide:
-        thumb = np.asarray(slide.get_thumbnail((555, 742)).convert("RGB"))
-        downsample = slide.dimensions[0] / thumb.shape[1]
-    return grid, thumb, downsample
+    return cmu_overlay_inputs(cmu_small)[:3]
 
 
 def test_csv_is_streamed_atomically_and_reads_back(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import CLASSES, COLORS, cmu_grid, generated_probs
+from helpers import CLASSES, COLORS, cmu_overlay_inputs, generated_probs
 
 from histotile.export.drawing import WARN_RED, nice_length
 from histotile.export.overlay import (
@@ -21,14 +21,7 @@ from histotile.export.overlay import (
 
 @pytest.fixture(scope="module")
 def cmu(cmu_small):
-    import openslide
-
-    grid = cmu_grid(cmu_small)
-    with openslide.OpenSlide(str(cmu_small)) as slide:
-        thumb = np.asarray(slide.get_thumbnail((555, 742)).convert("RGB"))
-        downsample = slide.dimensions[0] / thumb.shape[1]
-        mpp = float(slide.properties["openslide.mpp-x"])
-    return grid, thumb, downsample, mpp
+    return cmu_overlay_inputs(cmu_small)
 
 
 def _read(path):
